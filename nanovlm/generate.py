@@ -1,0 +1,100 @@
+"""Batched text generation with a KV cache: greedy, temperature, top-k and top-p (nucleus) sampling.
+
+Prompts of different lengths are left-padded so that every sequence's next token sits in the last column.
+Padded positions are masked out of attention and position ids count only real tokens, so a padded prompt
+generates exactly what it would alone. Generation of a sequence stops at the end-of-sequence token or once
+its text contains one of the stop strings.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .llm import KVCache
+from .tokenizer import Tokenizer
+from .vlm import VLM
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 is greedy
+    top_k: int = 0  # 0 keeps every token
+    top_p: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+
+
+def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, vocab) logits -> (B,) token ids."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / s.temperature
+    if s.top_k:
+        kth = logits.topk(min(s.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the tokens before it already hold top_p of the mass; the first always stays.
+        drop = probs.cumsum(-1) - probs > s.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model: VLM, tokenizer: Tokenizer, prompts: list[list[int]], pixel_values: torch.Tensor | None = None,
+             sampling: Sampling = Sampling(), generator: torch.Generator | None = None) -> list[list[int]]:
+    """Token ids of each prompt's continuation, without the end-of-sequence token.
+
+    pixel_values holds the images of all prompts in reading order, as for VLM.embed.
+    """
+    device = model.language_model.embed_tokens.weight.device
+    llm, B, L = model.language_model, len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, L), tokenizer.pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros(B, L + sampling.max_new_tokens, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p, device=device)
+        valid[i, L - len(p):L] = True
+    padded = not bool(valid[:, :L].all())
+    position_ids = (valid[:, :L].cumsum(-1) - 1).clamp(min=0)
+    mask = None
+    if padded:
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        # A padding query would see no key at all (NaN in softmax); let it see itself. Its output is unused.
+        mask = (causal & valid[:, None, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
+    embeds = model.embed(ids, pixel_values)
+    cache = KVCache(llm.cfg, B, L + sampling.max_new_tokens, device, embeds.dtype)
+    hidden = llm(embeds, position_ids, mask, cache)[:, -1]
+    next_position = position_ids[:, -1] + 1
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    for step in range(sampling.max_new_tokens):
+        logits = llm.lm_head(hidden)
+        if model.cfg.image_token_id < logits.shape[-1]:
+            logits[:, model.cfg.image_token_id] = float("-inf")  # a placeholder, never text
+        token = sample_next(logits, sampling, generator)
+        done |= token == tokenizer.eos_id
+        for i in (~done).nonzero()[:, 0].tolist():
+            out[i].append(int(token[i]))
+            if sampling.stop_strings and any(s in tokenizer.decode(out[i]) for s in sampling.stop_strings):
+                done[i] = True
+        if done.all() or step == sampling.max_new_tokens - 1:
+            break
+        valid[:, L + step] = True
+        step_mask = valid[:, None, None, :L + step + 1] if padded else None
+        hidden = llm(llm.embed_tokens(token[:, None]), next_position[:, None], step_mask, cache)[:, -1]
+        next_position += 1
+    return out
+
+
+def generate_text(model: VLM, tokenizer: Tokenizer, prompts: list[list[int]],
+                  pixel_values: torch.Tensor | None = None, sampling: Sampling = Sampling(),
+                  generator: torch.Generator | None = None) -> list[str]:
+    """Decoded continuations, cut before the first stop string."""
+    texts = []
+    for ids in generate(model, tokenizer, prompts, pixel_values, sampling, generator):
+        text = tokenizer.decode(ids)
+        for s in sampling.stop_strings:
+            text = text.split(s)[0]
+        texts.append(text.strip())
+    return texts

@@ -1,0 +1,234 @@
+"""The LLaMA-family decoder: Llama-2/3, Vicuna, Mistral, TinyLlama, SmolLM2 (Touvron et al., 2023).
+
+Each block is x = x + attn(rmsnorm(x)); x = x + mlp(rmsnorm(x)), with
+- RMSNorm: x / sqrt(mean(x^2) + eps) * w, computed in float32;
+- rotary position embeddings in the rotate-half layout, inv_freq_i = theta^(-2i/d), optionally rescaled by
+  Llama-3's `rope_scaling` (long wavelengths divided by `factor`, a smooth ramp between);
+- grouped-query attention: `num_key_value_heads` key/value heads shared by groups of query heads;
+- SwiGLU MLP: down(silu(gate(x)) * up(x)).
+Module names follow the Hugging Face checkpoints with `model.` stripped, so loading is a fixed rename.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import load_renamed, read_config, resolve
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    model_type: str = "llama"
+    extra: dict = field(default_factory=dict)  # other checkpoint config keys, written back on save
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported LLM model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LLMConfig":
+        """From a Hub config.json. Missing keys take transformers' LlamaConfig defaults (llava-hf relies on them);
+        both the classic `rope_theta`/`rope_scaling` keys and transformers-5 `rope_parameters` are read."""
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported LLM activation {act!r}; LLaMA-family models use 'silu'")
+        names = [f for f in cls.__dataclass_fields__ if f not in ("rope_theta", "rope_scaling", "extra")]
+        fields = {k: hf[k] for k in names if hf.get(k) is not None}
+        fields.setdefault("num_key_value_heads", fields.get("num_attention_heads", 32))
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if "type" in rope:  # older configs spell it "type"
+            rope["rope_type"] = rope.pop("type")
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = rope if rope.get("rope_type", "default") != "default" else None
+        skip = set(names) | {"rope_theta", "rope_scaling", "rope_parameters", "architectures", "transformers_version"}
+        extra = {k: v for k, v in hf.items() if k not in skip}
+        return cls(**fields, rope_theta=theta, rope_scaling=scaling, extra=extra)
+
+    def to_hf(self) -> dict:
+        hf = {k: v for k, v in asdict(self).items() if k not in ("extra", "rope_scaling")}
+        hf |= {"hidden_act": "silu", "rope_scaling": self.rope_scaling, "architectures": ["LlamaForCausalLM"]}
+        return self.extra | hf
+
+
+def rope_inv_freq(cfg: LLMConfig, device=None) -> torch.Tensor:
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        return inv_freq / scaling["factor"]
+    if scaling.get("rope_type") == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions and filled left to right."""
+
+    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0  # positions filled, advanced by LLM.forward after all layers wrote
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLM(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.gradient_checkpointing = False
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of shape (B, 1, T, head_dim), computed in float32 like the reference."""
+        inv_freq = rope_inv_freq(self.cfg, position_ids.device)
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Input embeddings (B, T, D) -> final normalised hidden states (B, T, D); apply `lm_head` for logits.
+
+        Callers that need only some logits (the loss on answer tokens, the last position when generating)
+        project only those. mask: None for plain causal attention (training batches are right-padded), else
+        a boolean (B, 1, T, cached + T) tensor, True where a query may attend.
+        """
+        B, T, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
+        if mask is None and past > 0 and T > 1:
+            raise ValueError("a multi-token step after the prefill needs an explicit mask")
+        cos, sin = self.rope(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "LLM":
+        """A LlamaForCausalLM / MistralForCausalLM checkpoint: a Hub repo id or a local directory."""
+        path = resolve(name_or_path, revision)
+        with torch.device("meta"):
+            model = cls(LLMConfig.from_hf(read_config(path)))
+        skip = ("lm_head.",) if model.cfg.tie_word_embeddings else ()
+        load_renamed(model, path, [("model.", ""), ("lm_head.", "lm_head.")], dtype, device, skip)
+        model.tie_weights()
+        return model

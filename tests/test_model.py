@@ -1,0 +1,212 @@
+"""Parity of the hand-written model with transformers, and the loading paths a Hub download takes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import hub_models
+from nanovlm.llm import LLM, LLMConfig, rope_inv_freq
+from nanovlm.tokenizer import Tokenizer
+from nanovlm.vision import VisionTower
+from nanovlm.vlm import VLM, VLMConfig
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return hub_models.clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return hub_models.llava(tmp_path_factory.mktemp("llava"), layout="hub_original")
+
+
+def llava_batch(image_token_id: int = 1023, seed: int = 0):
+    """Three samples of one length: one image, two images, and text only; their 3 images in reading order."""
+    g = torch.Generator().manual_seed(seed)
+    n = hub_models.VISION["image_size"] // hub_models.VISION["patch_size"]
+    ids = torch.randint(3, 1000, (3, 3 * n * n), generator=g)
+    ids[0, 5:5 + n * n] = image_token_id
+    ids[1, 1:1 + n * n] = image_token_id
+    ids[1, 2 * n * n:3 * n * n] = image_token_id
+    return ids, torch.randn(3, 3, 28, 28, generator=g)
+
+
+@pytest.mark.parametrize("select_layer,select_feature", [(-2, "patch"), (-1, "cls_patch"), (1, "patch")])
+@pytest.mark.parametrize("size", [(28, 28), (35, 42)])
+def test_vision_features_match_transformers(clip_dir, select_layer, select_feature, size):
+    ours = VisionTower.from_pretrained(str(clip_dir), select_layer=select_layer, select_feature=select_feature)
+    ref = transformers.CLIPVisionModel.from_pretrained(clip_dir).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        want = ref(pixel_values=x, output_hidden_states=True, interpolate_pos_encoding=True).hidden_states[select_layer]
+        got = ours(x)
+    want = want[:, 1:] if select_feature == "patch" else want
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("variant", list(hub_models.LLM_VARIANTS))
+def test_llm_logits_match_transformers(tmp_path, variant):
+    path = hub_models.llama(tmp_path, variant)
+    ours = LLM.from_pretrained(str(path)).eval()
+    ref = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(0, 1024, (2, 64))
+    with torch.no_grad():
+        got = ours.lm_head(ours(ours.embed_tokens(ids)))
+        want = ref(ids).logits
+    assert (got - want).abs().max() <= TOL
+    if variant == "tied":
+        assert ours.lm_head.weight is ours.embed_tokens.weight
+
+
+def test_llama3_rope_scaling_is_applied():
+    plain = LLMConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
+    scaled = LLMConfig(**{**plain.__dict__, "extra": {}, **hub_models.LLM_VARIANTS["llama3_rope"]})
+    assert not torch.allclose(rope_inv_freq(plain), rope_inv_freq(scaled))
+
+
+@pytest.mark.parametrize("layout", ["saved", "hub_original", "transformers_4_52"])
+def test_llava_logits_match_transformers(tmp_path, layout):
+    path = hub_models.llava(tmp_path, layout=layout)
+    ours = VLM.from_pretrained(str(path)).eval()
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+    ids, pixels = llava_batch()
+    with torch.no_grad():
+        got, want = ours(ids, pixels), ref(input_ids=ids, pixel_values=pixels).logits
+    assert (got - want).abs().max() <= TOL
+
+
+def test_loss_matches_transformers(llava_dir):
+    ours = VLM.from_pretrained(str(llava_dir)).eval()
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    ids, pixels = llava_batch()
+    labels = ids.clone()
+    labels[ids == 1023] = -100
+    labels[:, :40] = -100
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=pixels, labels=labels).loss
+        got = ours.loss(ids, labels, pixels)
+    assert abs(got.item() - want.item()) <= TOL
+
+
+def test_image_count_mismatch_is_an_error(llava_dir):
+    model = VLM.from_pretrained(str(llava_dir))
+    ids, pixels = llava_batch()
+    with pytest.raises(ValueError, match="image-token positions"):
+        model(ids, pixels[:2])
+
+
+def test_saved_vlm_loads_in_transformers_with_same_logits(tmp_path, llava_dir):
+    model = VLM.from_pretrained(str(llava_dir)).eval()
+    model.save_pretrained(tmp_path / "saved")
+    assert not list((tmp_path / "saved").glob("*.tmp"))
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
+    again = VLM.from_pretrained(str(tmp_path / "saved")).eval()
+    ids, pixels = llava_batch(seed=1)
+    with torch.no_grad():
+        got = model(ids, pixels)
+        assert (ref(input_ids=ids, pixel_values=pixels).logits - got).abs().max() <= TOL
+        assert torch.equal(again(ids, pixels), got)
+
+
+def test_vlm_from_parts_uses_pretrained_towers(tmp_path, clip_dir, llama_tokenizer_dir):
+    llm_dir = hub_models.llama(tmp_path / "llm")
+    for f in llama_tokenizer_dir.iterdir():
+        (llm_dir / f.name).write_bytes(f.read_bytes())
+    model = VLM.from_parts(str(clip_dir), str(llm_dir))
+    clip = VisionTower.from_pretrained(str(clip_dir))
+    assert all(torch.equal(a, b) for a, b in zip(model.vision_tower.state_dict().values(), clip.state_dict().values()))
+    tokenizer = Tokenizer.from_dir(llm_dir)
+    assert model.cfg.image_token_id == tokenizer.image_token_id >= tokenizer.tok.get_vocab_size() - 1
+    ids = torch.tensor([[1, 5, 6] + [model.cfg.image_token_id] * 16 + [7, 8]])
+    assert torch.isfinite(model(ids, torch.randn(1, 3, 28, 28))).all()
+
+
+def test_sharded_and_bin_checkpoints_load(tmp_path):
+    ref = LLM.from_pretrained(str(hub_models.llama(tmp_path / "single")))
+    sharded = LLM.from_pretrained(str(hub_models.llama(tmp_path / "sharded", max_shard_size="20KB")))
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    for (name, a), b in zip(ref.state_dict().items(), sharded.state_dict().values()):
+        assert torch.equal(a, b), name
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_bytes((tmp_path / "single" / "config.json").read_bytes())
+    torch.save(load_file(tmp_path / "single" / "model.safetensors"), bin_dir / "pytorch_model.bin")
+    from_bin = LLM.from_pretrained(str(bin_dir))
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), from_bin.state_dict().values()))
+
+
+def test_missing_and_corrupt_shards_are_named(tmp_path):
+    path = hub_models.llama(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted(path.glob("model-*.safetensors"))
+    shards[0].write_bytes(shards[0].read_bytes()[:100])
+    with pytest.raises(ValueError, match=shards[0].name):
+        LLM.from_pretrained(str(path))
+    shards[1].unlink()
+    with pytest.raises(FileNotFoundError, match=shards[1].name):
+        LLM.from_pretrained(str(path))
+
+
+def test_mismatched_checkpoints_name_the_keys(tmp_path):
+    path = hub_models.llama(tmp_path / "llm")
+    state = load_file(path / "model.safetensors")
+    state["model.norm.weight"] = torch.ones(65)
+    state["model.extra.weight"] = state.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        LLM.from_pretrained(str(path))
+    for fragment in ("layers.1.mlp.up_proj.weight", "model.extra.weight", "model.norm.weight: checkpoint (65,) vs model (64,)"):
+        assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"model_type": "gpt2"}, "unsupported LLM model_type"),
+    ({"hidden_act": "gelu"}, "unsupported LLM activation"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "unsupported rope_scaling"),
+])
+def test_unsupported_llm_configs_are_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        LLMConfig.from_hf(hub_models.TEXT | change)
+
+
+def test_unsupported_vision_configs_are_errors():
+    with pytest.raises(ValueError, match="unsupported vision activation"):
+        VLMConfig.from_hf({"model_type": "llava", "vision_config": {"hidden_act": "relu"}})
+    with pytest.raises(ValueError, match="unsupported vision model_type"):
+        VLMConfig.from_hf({"model_type": "llava", "vision_config": {"model_type": "siglip_vision_model"}})
+
+
+def test_llava_config_defaults_follow_transformers():
+    """llava-hf/llava-1.5-7b-hf's config.json leaves most sizes to transformers' defaults."""
+    cfg = VLMConfig.from_hf({"model_type": "llava", "text_config": {"model_type": "llama", "vocab_size": 32064}})
+    ref = transformers.LlavaConfig(text_config={"model_type": "llama", "vocab_size": 32064})
+    assert cfg.llm.hidden_size == ref.text_config.hidden_size and cfg.llm.num_hidden_layers == 32
+    assert cfg.vision.image_size == ref.vision_config.image_size == 336
+    assert cfg.vision.num_image_tokens() == 576
+
+
+def test_load_by_repo_id_from_offline_hub_cache(tmp_path, llava_dir):
+    hub_models.hub_cache(tmp_path / "hf", "tiny-org/tiny-llava", llava_dir)
+    script = ("import torch\nfrom nanovlm.vlm import VLM\n"
+              "m = VLM.from_pretrained('tiny-org/tiny-llava')\n"
+              "print(sum(p.numel() for p in m.parameters()))\n"
+              "VLM.from_pretrained('tiny-org/not-cached')\n")
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    expected = sum(p.numel() for p in VLM.from_pretrained(str(llava_dir)).parameters())
+    assert run.stdout.split()[0] == str(expected), run.stderr
+    assert "could not get 'tiny-org/not-cached'" in run.stderr
+
+
+def test_meta_loading_leaves_nothing_on_meta(llava_dir):
+    model = VLM.from_pretrained(str(llava_dir), dtype=torch.bfloat16)
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in model.parameters())
