@@ -79,12 +79,16 @@ class EosAfter(torch.nn.Module):
         return logits
 
 
-def test_generation_stops_at_eos(model, tokenizer, monkeypatch):
+def test_generation_stops_at_eos(model, tokenizer):
     prompts, images = prompts_and_images()
-    monkeypatch.setattr(model.language_model, "lm_head", EosAfter(model.language_model.lm_head, tokenizer.eos_id, 3))
-    out = generate(model, tokenizer, prompts[:1], images[0], Sampling(max_new_tokens=10))
+    head = model.language_model.lm_head
+    model.language_model.lm_head = EosAfter(head, tokenizer.eos_id, 3)
+    try:
+        out = generate(model, tokenizer, prompts[:1], images[0], Sampling(max_new_tokens=10))
+        assert model.language_model.lm_head.calls == 4
+    finally:
+        model.language_model.lm_head = head
     assert len(out[0]) == 3 and tokenizer.eos_id not in out[0]
-    assert model.language_model.lm_head.calls == 4
 
 
 def test_stop_strings_cut_generation(model, tokenizer):
