@@ -6,11 +6,15 @@ generates exactly what it would alone. Generation of a sequence stops at the end
 its text contains one of the stop strings.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from PIL import Image
+from tqdm import tqdm
 
+from .image import ImageProcessor
 from .llm import KVCache
+from .templates import Template, tokenize_conversation
 from .tokenizer import Tokenizer
 from .vlm import VLM
 
@@ -98,3 +102,20 @@ def generate_text(model: VLM, tokenizer: Tokenizer, prompts: list[list[int]],
             text = text.split(s)[0]
         texts.append(text.strip())
     return texts
+
+
+def answer(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, template: Template,
+           questions: list[tuple[Image.Image | None, str]], sampling: Sampling = Sampling(max_new_tokens=64),
+           batch_size: int = 32, progress: bool = False) -> list[str]:
+    """One answer per (image or None, question), generated in batches with the chat template."""
+    sampling = replace(sampling, stop_strings=sampling.stop_strings or (template.stop_str,))
+    answers = []
+    for start in tqdm(range(0, len(questions), batch_size), disable=not progress, desc="answering"):
+        chunk = questions[start:start + batch_size]
+        prompts = [tokenize_conversation(tokenizer, template, [{"from": "human", "value": question}],
+                                         model.cfg.vision.num_image_tokens(), generation_prompt=True)[0]
+                   for _, question in chunk]
+        images = [processor(image) for image, _ in chunk if image is not None]
+        pixels = torch.stack(images).to(model.language_model.embed_tokens.weight.device) if images else None
+        answers += generate_text(model, tokenizer, prompts, pixels, sampling)
+    return answers

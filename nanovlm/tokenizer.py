@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import tokenizers
-from tokenizers import AddedToken
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
 from .checkpoint import atomic_write, write_json
 
@@ -71,6 +71,20 @@ class Tokenizer:
         probe = tok.encode("a", add_special_tokens=True)
         num_prefix = probe.special_tokens_mask.index(0)
         return cls(tok, probe.ids[:num_prefix], token_id(eos), token_id(pad))
+
+    @classmethod
+    def train(cls, texts: list[str], vocab_size: int) -> "Tokenizer":
+        """A byte-level BPE tokenizer learnt from `texts`, with Llama's special tokens (<s> added in front,
+        </s> ends answers): for models trained from scratch, such as the tiny preset."""
+        specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_PLACEHOLDER]
+        tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer)
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        return cls(tok, bos_ids=[1], eos_id=2, pad_id=3)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` without BOS; special tokens written in the text (and `<image>`) map to their ids."""

@@ -104,6 +104,12 @@ class VLM(nn.Module):
         self.multi_modal_projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.llm.hidden_size)
         self.language_model = LLM(cfg.llm)
 
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """The named parameters of each part, the unit a recipe trains or freezes."""
+        return {"vision": list(self.vision_tower.named_parameters(prefix="vision_tower")),
+                "projector": list(self.multi_modal_projector.named_parameters(prefix="multi_modal_projector")),
+                "llm": list(self.language_model.named_parameters(prefix="language_model"))}
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, tokens, llm hidden) image embeddings."""
         return self.multi_modal_projector(self.vision_tower(pixel_values))
@@ -126,9 +132,9 @@ class VLM(nn.Module):
         """Logits (B, T, vocab) of a right-padded batch."""
         return self.language_model.lm_head(self.language_model(self.embed(input_ids, pixel_values)))
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
-             pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-token cross-entropy over the positions whose label is not -100.
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None,
+             reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy over the positions whose label is not -100, averaged or summed.
 
         Only those positions are projected to the vocabulary: in a LLaVA batch most positions are image,
         system or question tokens, so this saves most of the lm_head's time and memory.
@@ -137,12 +143,12 @@ class VLM(nn.Module):
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.language_model.lm_head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "VLM":
-        """A llava-hf checkpoint (either key layout) or a nanovlm checkpoint directory, by repo id or path."""
+        """A llava-hf checkpoint (any key layout) or a nanovlm checkpoint directory, by repo id or path."""
         path = resolve(name_or_path, revision)
         with torch.device("meta"):
             model = cls(VLMConfig.from_hf(read_config(path)))

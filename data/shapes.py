@@ -1,0 +1,413 @@
+"""The shapes world: a deterministic synthetic dataset to train and evaluate a tiny VLM on a laptop CPU.
+
+Each image shows 1-4 coloured shapes on a dark-grey background. `generate` (or `python data/shapes.py --out
+out/shapes`) writes LLaVA JSON: captions.json (stage 1: a caption per train image), instruct.json (stage 2: a
+3-6 turn conversation per train image), unlabeled.json (images only, for self-training such as STIC), eval.json
+(single short-answer questions for `score` and `format_table`; the eval script puts "<image>\n" in front),
+objects.json (image -> the objects drawn, the ground truth behind every answer) and world.json (config,
+vocabulary, held-out pairs, counts, train pair statistics).
+
+Four colour-shape pairs never occur in train or unlabeled images; half the eval images contain one, which
+measures compositional generalisation. Existence questions follow POPE: half about present objects, half about
+absent ones drawn at random, among the most frequent pairs (popular) or among those co-occurring most with the
+present ones (adversarial). Pair frequencies are skewed, and pairs have "companions" they tend to appear with,
+so that the popular and adversarial settings really probe those biases.
+"""
+
+import argparse
+import json
+import random
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field, fields
+from itertools import permutations
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+VERSION = 1  # bump when the output changes, so that a stale world.json is not reused
+BACKGROUND = (40, 40, 40)
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {  # far apart in RGB, and from the background, so that a 64 px image leaves no doubt
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 215, 50),
+    "purple": (150, 60, 200), "orange": (245, 135, 30), "white": (240, 240, 240),
+}
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+SIZES = {"small": 0.09, "large": 0.18}  # half the side of an object's bounding box, as a fraction of the image
+MAX_OBJECTS = 4
+MIN_GAP = 2  # background pixels between any two bounding boxes
+NUM_HOLDOUT = 4
+COMPANIONS_PER_PAIR, COMPANION_PROB = 2, 0.4
+SPATIAL_MARGIN = 0.15  # spatial questions need centres this far apart (fraction of the image) on their axis
+POPE_KINDS = ("random", "popular", "adversarial")
+POPE_TOP_K = 3  # popular / adversarial negatives come from the top-k absent pairs
+FOCUS_PROB = 0.8  # how often a hold-out image's question is about its held-out object, when one can be
+EVAL_TYPES = ("colour", "shape", "count", "size", "spatial", "existence")
+INSTRUCT_TYPES = {t: 1.0 for t in EVAL_TYPES} | {"caption": 0.4}  # how often a conversation turn asks each type
+BALANCED_TYPES = {"count", "spatial", "existence"}  # answers as even as the images allow: no free guesses
+EVAL_QUESTIONS_PER_IMAGE = 3
+CAPTION_PROMPTS = (
+    "Describe the image briefly.", "What is in this picture?", "List the objects in the image.",
+    "Give a short caption for this image.", "Summarize the image in one sentence.",
+)
+
+
+@dataclass
+class ShapesConfig:
+    num_train: int = 16000
+    num_unlabeled: int = 2000
+    num_eval: int = 2000
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Obj:
+    colour: str
+    shape: str
+    size: str
+    x: int  # centre, in pixels
+    y: int
+    r: int  # half side of the bounding box
+
+    @property
+    def pair(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+    def separated(self, other: "Obj") -> bool:
+        gap = max(abs(self.x - other.x), abs(self.y - other.y)) - self.r - other.r - 1
+        return gap >= MIN_GAP
+
+
+@dataclass
+class World:
+    """Rules fixed by the seed: the held-out pairs, how common each other pair is and which pairs go together."""
+
+    holdout: list[str]
+    weights: dict[str, float]  # sampling weight of each pair allowed in training
+    companions: dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class Question:
+    type: str
+    text: str
+    answer: str
+    about: tuple[str, ...] = ()  # the pairs it concerns, to steer hold-out questions to held-out objects
+    pope: str | None = None
+
+
+def make_world(seed: int) -> World:
+    rng = random.Random(f"{seed}-world")
+    # A permutation of shapes against distinct colours: each shape and each colour is held out at most once.
+    holdout = [f"{c} {s}" for c, s in zip(rng.sample(list(COLOURS), NUM_HOLDOUT), rng.sample(SHAPES, NUM_HOLDOUT))]
+    allowed = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in holdout]
+    # Zipf-like weights over a shuffled order make some pairs "popular", as some objects are in real photos.
+    ranks = {pair: rank for rank, pair in enumerate(rng.sample(allowed, len(allowed)))}
+    companions = {p: rng.sample([q for q in allowed if q != p], COMPANIONS_PER_PAIR) for p in allowed}
+    return World(holdout, {p: 1 / (ranks[p] + 1) ** 0.5 for p in allowed}, companions)
+
+
+def sample_pairs(rng: random.Random, world: World, n: int) -> list[str]:
+    names, weights = list(world.weights), list(world.weights.values())
+    pairs = rng.choices(names, weights)
+    while len(pairs) < n:  # an object often brings a companion, which makes co-occurrence informative
+        if rng.random() < COMPANION_PROB:
+            pairs.append(rng.choice(world.companions[pairs[-1]]))
+        else:
+            pairs += rng.choices(names, weights)
+    return pairs
+
+
+def place(rng: random.Random, pair: str, size: str, others: list[Obj], image_size: int) -> Obj | None:
+    """Rejection-sample a position fully inside the image and clear of `others`; None if none is found."""
+    colour, shape = pair.split()
+    r = round(SIZES[size] * image_size)
+    for _ in range(50):
+        obj = Obj(colour, shape, size, rng.randint(r, image_size - 1 - r), rng.randint(r, image_size - 1 - r), r)
+        if all(obj.separated(other) for other in others):
+            return obj
+    return None
+
+
+def sample_scene(rng: random.Random, world: World, image_size: int, holdout: bool) -> list[Obj]:
+    while True:  # a scene that does not fit even with small objects is drawn again
+        n = rng.randint(1, MAX_OBJECTS)
+        pairs = sample_pairs(rng, world, n)
+        if holdout:
+            pairs[rng.randrange(n)] = rng.choice(world.holdout)
+        objects = []
+        for pair in pairs:
+            # Four large objects rarely fit in the image, so a crowded scene falls back to a small one.
+            obj = place(rng, pair, rng.choice(list(SIZES)), objects, image_size)
+            obj = obj or place(rng, pair, "small", objects, image_size)
+            if obj is None:
+                break
+            objects.append(obj)
+        else:
+            return objects
+
+
+def draw(objects: list[Obj], image_size: int) -> Image.Image:
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    pen = ImageDraw.Draw(image)
+    for o in objects:
+        fill, box = COLOURS[o.colour], (o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r)
+        if o.shape == "circle":
+            pen.ellipse(box, fill=fill)
+        elif o.shape == "square":
+            pen.rectangle(box, fill=fill)
+        elif o.shape == "triangle":
+            pen.polygon([(o.x, o.y - o.r), (o.x + o.r, o.y + o.r), (o.x - o.r, o.y + o.r)], fill=fill)
+        else:  # a plus sign; bars a third of its size thick keep it a cross, not a blob, at 64 px
+            t = max(1, o.r // 3)
+            pen.rectangle((o.x - o.r, o.y - t, o.x + o.r, o.y + t), fill=fill)
+            pen.rectangle((o.x - t, o.y - o.r, o.x + t, o.y + o.r), fill=fill)
+    return image
+
+
+def caption(objects: list[Obj]) -> str:
+    """Every object in reading order, left to right: "A large red circle, a small blue square and a ..."."""
+    phrases = [f"a {o.size} {o.pair}" for o in sorted(objects, key=lambda o: (o.x, o.y))]
+    text = phrases[-1] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def unique(objects: list[Obj], attribute: str) -> list[Obj]:
+    """The objects that their `attribute` alone ("the circle", "the red object") picks out unambiguously."""
+    counts = Counter(getattr(o, attribute) for o in objects)
+    return [o for o in objects if counts[getattr(o, attribute)] == 1]
+
+
+def colour_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
+    return [Question("colour", f"What colour is the {o.shape}?", o.colour, (o.pair,)) for o in unique(objects, "shape")]
+
+
+def shape_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
+    return [
+        Question("shape", f"What shape is the {o.colour} object?", o.shape, (o.pair,))
+        for o in unique(objects, "colour")
+    ]
+
+
+def size_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
+    return [Question("size", f"Is the {o.pair} small or large?", o.size, (o.pair,)) for o in unique(objects, "pair")]
+
+
+def count_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
+    """The total, each colour and shape present, and one absent one (all absent ones would swamp the rest with 0)."""
+    present = sorted({o.colour for o in objects} | {o.shape for o in objects})
+    absent = [a for a in (*COLOURS, *SHAPES) if a not in present]
+    questions = [Question("count", "How many objects are there?", str(len(objects)), tuple(o.pair for o in objects))]
+    for attribute in present + [asker.rng.choice(absent)]:
+        matching = tuple(o.pair for o in objects if attribute in (o.colour, o.shape))
+        what = f"{attribute} objects" if attribute in COLOURS else PLURALS[attribute]
+        questions.append(Question("count", f"How many {what} are there?", str(len(matching)), matching))
+    return questions
+
+
+def spatial_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
+    relations = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)}
+    questions = []
+    for a, b in permutations(unique(objects, "pair"), 2):
+        for relation, (axis, sign) in relations.items():
+            offset = ((a.x, a.y)[axis] - (b.x, b.y)[axis]) * sign  # > 0 when the relation holds
+            if abs(offset) >= SPATIAL_MARGIN * asker.image_size:  # close calls would be ambiguous to the eye
+                text = f"Is the {a.pair} {relation} the {b.pair}?"
+                questions.append(Question("spatial", text, "yes" if offset > 0 else "no", (a.pair, b.pair)))
+    return questions
+
+
+def existence_questions(objects: list[Obj], asker: "Asker", kind: str) -> list[Question]:
+    """POPE: "yes" for the present pairs; "no" for absent ones, drawn by `kind` (random, popular, adversarial)."""
+    present = sorted({o.pair for o in objects})
+    absent = [p for p in asker.vocab if p not in present]
+    if kind == "popular":
+        absent = sorted(absent, key=lambda p: -asker.frequency[p])[:POPE_TOP_K]
+    elif kind == "adversarial":
+        absent = sorted(absent, key=lambda p: -sum(asker.cooccurrence[q][p] for q in present))[:POPE_TOP_K]
+
+    def exists(pair: str, answer: str) -> Question:
+        article = "an" if pair[0] in "aeiou" else "a"
+        return Question("existence", f"Is there {article} {pair} in the image?", answer, (pair,), kind)
+
+    return [exists(p, "yes") for p in present] + [exists(p, "no") for p in absent]
+
+
+def caption_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
+    return [Question("caption", "Describe the image.", caption(objects))]
+
+
+QUESTIONS = {  # existence is not here: it also needs a POPE kind
+    "colour": colour_questions, "shape": shape_questions, "size": size_questions, "count": count_questions,
+    "spatial": spatial_questions, "caption": caption_questions,
+}
+
+
+@dataclass
+class Asker:
+    """Draws questions about scenes, and tallies what it asked to keep types, yes/no and POPE kinds balanced."""
+
+    rng: random.Random
+    image_size: int
+    vocab: list[str]  # the pairs that questions may name
+    frequency: Counter  # train images holding each pair
+    cooccurrence: dict[str, Counter]  # train images holding each two pairs
+    asked: Counter = field(default_factory=Counter)
+
+    def least_asked_first(self, options, *key) -> list:
+        # sorted first, so that a set's order cannot change which random tie-breaks go where
+        return sorted(sorted(options), key=lambda option: (self.asked[(*key, option)], self.rng.random()))
+
+    def ask(self, qtype: str, objects: list[Obj], focus: frozenset[str] = frozenset()) -> Question | None:
+        """A question of `qtype` that is mostly about the `focus` pairs if it can be; None if none applies."""
+        if qtype == "existence":
+            kind = self.least_asked_first(POPE_KINDS, qtype)[0]
+            candidates = existence_questions(objects, self, kind)
+        else:
+            kind, candidates = None, QUESTIONS[qtype](objects, self)
+        if not candidates:
+            return None
+        if qtype in BALANCED_TYPES:
+            answer = self.least_asked_first({q.answer for q in candidates}, qtype, kind)[0]
+            candidates = [q for q in candidates if q.answer == answer]
+        focused = [q for q in candidates if focus.intersection(q.about)]
+        if focused and self.rng.random() < FOCUS_PROB:
+            candidates = focused
+        question = self.rng.choice(candidates)
+        self.asked.update([(qtype,), (qtype, kind), (qtype, kind, question.answer)])
+        return question
+
+    def conversation(self, objects: list[Obj]) -> list[Question]:
+        wanted, questions = self.rng.randint(3, 6), {}
+        while len(questions) < wanted:  # count and existence questions always apply, and there are enough of them
+            qtype = self.rng.choices(list(INSTRUCT_TYPES), list(INSTRUCT_TYPES.values()))[0]
+            question = self.ask(qtype, objects)
+            if question:
+                questions.setdefault(question.text, question)  # no repeats, so at most one caption
+        return list(questions.values())
+
+    def eval_questions(self, objects: list[Obj], focus: frozenset[str]) -> list[Question]:
+        questions = []
+        for qtype in self.least_asked_first(EVAL_TYPES):  # distinct types per image, the rarest so far first
+            if len(questions) < EVAL_QUESTIONS_PER_IMAGE and (question := self.ask(qtype, objects, focus)):
+                questions.append(question)
+        return questions
+
+
+def pair_statistics(scenes: list[list[Obj]]) -> tuple[Counter, dict[str, Counter]]:
+    """In how many images each pair occurs, and each two pairs occur together."""
+    frequency, cooccurrence = Counter(), defaultdict(Counter)
+    for objects in scenes:
+        pairs = sorted({o.pair for o in objects})
+        frequency.update(pairs)
+        for a, b in permutations(pairs, 2):
+            cooccurrence[a][b] += 1
+    return frequency, cooccurrence
+
+
+def chat(image: str, turns: list[tuple[str, str]]) -> dict:
+    """A LLaVA record from (question, answer) turns; the image placeholder opens the first question."""
+    conversation = []
+    for i, (question, answer) in enumerate(turns):
+        conversation.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
+        conversation.append({"from": "gpt", "value": answer})
+    return {"id": Path(image).stem, "image": image, "conversations": conversation}
+
+
+def eval_record(image: str, i: int, q: Question, split: str) -> dict:
+    record = {"id": f"{Path(image).stem}_{i}", "image": image, "question": q.text, "answer": q.answer}
+    return record | {"type": q.type, "split": split} | ({"pope": q.pope} if q.pope else {})
+
+
+def sample_scenes(cfg: ShapesConfig, world: World) -> dict[str, dict[str, list[Obj]]]:
+    """split -> image path -> objects. Odd eval images hold a held-out pair: interleaved, any prefix is mixed."""
+
+    def split(name: str, count: int, holdout=lambda i: False) -> dict[str, list[Obj]]:
+        rng = random.Random(f"{cfg.seed}-{name}")  # a stream per split: eval does not depend on num_train
+        paths = [f"images/{name}_{i:06d}.png" for i in range(count)]
+        return {path: sample_scene(rng, world, cfg.image_size, holdout(i)) for i, path in enumerate(paths)}
+
+    return {
+        "train": split("train", cfg.num_train),
+        "unlabeled": split("unlabeled", cfg.num_unlabeled),
+        "eval": split("eval", cfg.num_eval, holdout=lambda i: i % 2 == 1),
+    }
+
+
+def make_records(cfg: ShapesConfig, world: World, scenes: dict, stats: tuple) -> tuple[dict[str, list], Counter]:
+    """The records of each JSON split, and how many instruct questions each type has."""
+    seen = list(world.weights)  # training text never names a held-out pair, not even to deny it
+    askers = {  # one per split, each with its own tallies, so that each split is balanced on its own
+        name: Asker(random.Random(f"{cfg.seed}-{name}-text"), cfg.image_size, vocab, *stats)
+        for name, vocab in [("train", seen), ("in_distribution", seen), ("holdout", seen + world.holdout)]
+    }
+    rng = random.Random(f"{cfg.seed}-captions")
+    captions = [chat(path, [(rng.choice(CAPTION_PROMPTS), caption(objs))]) for path, objs in scenes["train"].items()]
+    conversations = {path: askers["train"].conversation(objs) for path, objs in scenes["train"].items()}
+    eval_set = []
+    for i, (path, objs) in enumerate(scenes["eval"].items()):
+        split = "holdout" if i % 2 else "in_distribution"
+        focus = frozenset({o.pair for o in objs} & set(world.holdout))  # empty for in-distribution images
+        eval_set += [eval_record(path, j, q, split) for j, q in enumerate(askers[split].eval_questions(objs, focus))]
+    records = {
+        "captions": captions,
+        "instruct": [chat(path, [(q.text, q.answer) for q in qs]) for path, qs in conversations.items()],
+        "unlabeled": [{"id": Path(path).stem, "image": path} for path in scenes["unlabeled"]],
+        "eval": eval_set,
+    }
+    return records, Counter(q.type for qs in conversations.values() for q in qs)
+
+
+def generate(out_dir: str | Path, cfg: ShapesConfig = ShapesConfig()) -> dict:
+    """Write the shapes world to `out_dir` (reused if made with the same config); return world.json's content."""
+    out = Path(out_dir)
+    if (out / "world.json").exists():
+        world = json.loads((out / "world.json").read_text())
+        if world.get("config") == asdict(cfg) and world.get("version") == VERSION:
+            print(f"shapes world reused: {out} (same config)")
+            return world
+    world = make_world(cfg.seed)
+    scenes = sample_scenes(cfg, world)
+    frequency, cooccurrence = pair_statistics(list(scenes["train"].values()))
+    records, instruct_types = make_records(cfg, world, scenes, (frequency, cooccurrence))
+
+    all_scenes = scenes["train"] | scenes["unlabeled"] | scenes["eval"]
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for path, objs in tqdm(all_scenes.items(), desc="shapes images", unit="img"):
+        draw(objs, cfg.image_size).save(out / path, optimize=False)
+    counts = {name: len(data) for name, data in records.items()}
+    counts["instruct_questions"] = dict(instruct_types.most_common())
+    counts["eval_questions"] = dict(Counter(r["type"] for r in records["eval"]).most_common())
+    metadata = {
+        "version": VERSION,
+        "config": asdict(cfg),
+        "colours": COLOURS,
+        "shapes": list(SHAPES),
+        "sizes": {name: round(f * cfg.image_size) for name, f in SIZES.items()},  # half a box side, in pixels
+        "holdout_pairs": world.holdout,
+        "companions": world.companions,
+        "counts": counts,
+        "pair_frequency": dict(frequency.most_common()),
+        "pair_cooccurrence": {a: dict(c.most_common()) for a, c in sorted(cooccurrence.items())},
+    }
+    objects = {path: [asdict(o) for o in objs] for path, objs in all_scenes.items()}
+    # world.json goes last: its presence says that the world is complete, and may be reused
+    for name, data in (records | {"objects": objects, "world": metadata}).items():
+        (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    return json.loads((out / "world.json").read_text())  # the same dict that a reused world returns
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="out/shapes", help="output folder")
+    for option in fields(ShapesConfig):
+        parser.add_argument(f"--{option.name.replace('_', '-')}", type=int, default=option.default)
+    args = vars(parser.parse_args())
+    out = args.pop("out")
+    world = generate(out, ShapesConfig(**args))
+    print(f"{out}: held-out pairs {', '.join(world['holdout_pairs'])}; records {world['counts']}")
+
+
+if __name__ == "__main__":
+    main()

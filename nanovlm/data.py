@@ -1,0 +1,167 @@
+"""LLaVA-format training data: records -> token ids, loss labels and pixels; padding; the batch order.
+
+A data file is LLaVA JSON: a list of {"id", "image" (a path relative to the image folder, optional),
+"conversations": [{"from": "human"|"gpt", "value": ...}, ...]}. Every record is checked when the dataset is
+built, so a bad one stops the run before training starts, with its file and index; with `skip_bad=True` it is
+dropped instead and counted. An image that exists but cannot be decoded is caught when it is loaded.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .image import ImageProcessor, load_image
+from .templates import IGNORE_INDEX, Template, tokenize_conversation, validate_conversation
+from .tokenizer import IMAGE_PLACEHOLDER, Tokenizer
+
+
+class BadRecord(ValueError):
+    pass
+
+
+@dataclass
+class DataSource:
+    """One JSON file; `weight` scales how many of its records an epoch draws (0.5: a seeded half, 2: twice)."""
+    path: Path
+    weight: float = 1.0
+    image_folder: Path | None = None  # None: the JSON file's own folder
+
+    @classmethod
+    def parse(cls, spec: str) -> "DataSource":
+        """'file.json' or 'file.json:weight'."""
+        path, _, weight = spec.partition(":")
+        return cls(Path(path), float(weight) if weight else 1.0)
+
+
+def check_record(record, image_folder: Path) -> None:
+    """Raise BadRecord saying what is wrong with one LLaVA record."""
+    if not isinstance(record, dict) or "conversations" not in record:
+        raise BadRecord("not an object with 'conversations'")
+    conversation = record["conversations"]
+    try:
+        validate_conversation(conversation)
+    except ValueError as e:
+        raise BadRecord(str(e)) from None
+    for i, turn in enumerate(conversation):
+        if turn["from"] == "gpt" and not turn["value"].strip():
+            raise BadRecord(f"turn {i} has an empty answer")
+    placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conversation)
+    if "image" in record:
+        if placeholders != 1 or IMAGE_PLACEHOLDER not in conversation[0]["value"]:
+            raise BadRecord(f"an image record needs exactly one {IMAGE_PLACEHOLDER} in its first turn, "
+                            f"found {placeholders} in the conversation")
+        if not (image_folder / record["image"]).is_file():
+            raise BadRecord(f"image {image_folder / record['image']} does not exist")
+    elif placeholders:
+        raise BadRecord(f"{IMAGE_PLACEHOLDER} in a record without an image")
+
+
+class LLaVADataset(torch.utils.data.Dataset):
+    def __init__(self, sources: list[DataSource], tokenizer: Tokenizer, template: Template,
+                 processor: ImageProcessor, num_image_tokens: int, max_length: int, seed: int = 0,
+                 skip_bad: bool = False):
+        self.tokenizer, self.template, self.processor = tokenizer, template, processor
+        self.num_image_tokens, self.max_length, self.skip_bad = num_image_tokens, max_length, skip_bad
+        self.records: list[tuple[dict, Path, str]] = []  # record, image folder, where it came from
+        self.skipped: dict[str, int] = {}
+        for source in sources:
+            self.records += self.read_source(source, random.Random(seed))
+
+    def read_source(self, source: DataSource, rng: random.Random) -> list[tuple[dict, Path, str]]:
+        try:
+            records = json.loads(source.path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read data file {source.path}: {e}") from e
+        if not isinstance(records, list):
+            raise ValueError(f"{source.path}: expected a JSON list of records")
+        folder = source.image_folder or source.path.parent
+        kept = []
+        for index, record in enumerate(records):
+            where = f"{source.path} record {index}"
+            try:
+                check_record(record, folder)
+            except BadRecord as e:
+                if not self.skip_bad:
+                    raise BadRecord(f"{where}: {e}") from None
+                self.skipped[str(source.path)] = self.skipped.get(str(source.path), 0) + 1
+                continue
+            kept.append((record, folder, where))
+        whole, fraction = divmod(source.weight, 1)
+        return kept * int(whole) + rng.sample(kept, round(fraction * len(kept)))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def length(self, index: int) -> int:
+        """A cheap length estimate for grouping batches: words plus image tokens."""
+        record = self.records[index][0]
+        words = sum(len(turn["value"].split()) for turn in record["conversations"])
+        return words + self.num_image_tokens * ("image" in record)
+
+    def __getitem__(self, index: int) -> dict | None:
+        record, folder, where = self.records[index]
+        try:
+            pixels = self.processor(load_image(folder / record["image"]))[None] if "image" in record else None
+        except (OSError, ValueError) as e:
+            if self.skip_bad:
+                return None  # counted by collate
+            raise BadRecord(f"{where}: {e}") from None
+        ids, labels = tokenize_conversation(self.tokenizer, self.template, record["conversations"],
+                                            self.num_image_tokens)
+        return truncate(ids, labels, pixels, self.max_length, self.tokenizer.image_token_id, self.num_image_tokens)
+
+
+def truncate(ids: list[int], labels: list[int], pixels: torch.Tensor | None, max_length: int,
+             image_token_id: int, num_image_tokens: int) -> dict:
+    """Cut to max_length, never through an image: a cut inside image tokens moves back before them, and the
+    images whose tokens were cut away are dropped with them."""
+    if len(ids) > max_length:
+        cut = max_length
+        while cut > 0 and ids[cut - 1] == image_token_id == ids[cut]:
+            cut -= 1
+        ids, labels = ids[:cut], labels[:cut]
+        if pixels is not None:
+            kept = ids.count(image_token_id) // num_image_tokens
+            pixels = pixels[:kept] if kept else None
+    return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
+
+
+def collate(samples: list[dict | None], pad_id: int) -> dict:
+    """Right-pad a micro-batch; the loss never sees padding (labels -100) and causal attention needs no mask."""
+    kept = [s for s in samples if s is not None]
+    width = max(len(s["input_ids"]) for s in kept)
+    ids = torch.full((len(kept), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(kept), width), IGNORE_INDEX, dtype=torch.long)
+    for i, s in enumerate(kept):
+        ids[i, :len(s["input_ids"])] = torch.tensor(s["input_ids"])
+        labels[i, :len(s["labels"])] = torch.tensor(s["labels"])
+    images = [s["pixel_values"] for s in kept if s["pixel_values"] is not None]
+    return {"input_ids": ids, "labels": labels, "pixel_values": torch.cat(images) if images else None,
+            "skipped": len(samples) - len(kept)}
+
+
+def step_batches(num_records: int, global_batch: int, micro_batch: int, world_size: int, rank: int, epoch: int,
+                 seed: int, lengths: list[int] | None = None) -> list[list[list[int]]]:
+    """This rank's micro-batches for every optimizer step of one epoch.
+
+    Each step draws `global_batch` records of a seeded permutation; how they are split over ranks and
+    accumulation micro-batches changes nothing in the gradient, because the loss of a step is normalised by
+    the step's total target count. With `lengths`, a step's records are sorted by length before the split,
+    so micro-batches hold similar lengths and pad little.
+    """
+    per_step = world_size * micro_batch
+    if global_batch % per_step:
+        raise ValueError(f"global batch {global_batch} is not a multiple of world size {world_size} x "
+                         f"micro batch {micro_batch}")
+    order = torch.randperm(num_records, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    steps = []
+    for start in range(0, num_records - global_batch + 1, global_batch):
+        chosen = order[start:start + global_batch]
+        if lengths is not None:
+            chosen.sort(key=lambda i: -lengths[i])
+        micro = [chosen[j:j + micro_batch] for j in range(0, global_batch, micro_batch)]
+        steps.append(micro[rank::world_size])
+    return steps

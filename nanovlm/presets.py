@@ -1,0 +1,66 @@
+"""Model presets: what a run starts from.
+
+- `tiny` (the default everywhere): a small ViT and a small LLaMA decoder built from scratch, with a tokenizer
+  learnt from the shapes world's own text, so the first run needs no download and trains on a laptop CPU.
+- `small`: CLIP ViT-B/16 + SmolLM2-360M-Instruct (ChatML), a real pairing that fits one consumer GPU.
+- `llava15-7b`: CLIP ViT-L/14-336 + Vicuna-7B v1.5, LLaVA-1.5 itself.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import resolve
+from .image import ImageProcessor
+from .llm import LLMConfig
+from .tokenizer import Tokenizer
+from .vision import VisionConfig
+from .vlm import VLM, VLMConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    vision: str | None  # a CLIP checkpoint (Hub repo id or directory); None: the tiny tower, from scratch
+    llm: str | None  # a LLaMA-family checkpoint; None: the tiny decoder, from scratch
+    template: str  # the chat template of instruction tuning and inference
+    projector: str = "mlp2x_gelu"
+
+
+PRESETS = {
+    "tiny": Preset(vision=None, llm=None, template="vicuna_v1"),
+    "small": Preset(vision="openai/clip-vit-base-patch16", llm="HuggingFaceTB/SmolLM2-360M-Instruct",
+                    template="chatml"),
+    "llava15-7b": Preset(vision="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5",
+                         template="vicuna_v1"),
+}
+
+# Trained from scratch, the tiny tower has no contrastive last layer to avoid, so it uses its last layer.
+TINY_VISION = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=64, patch_size=8, hidden_act="gelu", select_layer=-1)
+TINY_LLM = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=True)
+TINY_VOCAB = 640
+
+
+def tiny_model(texts: list[str], seed: int = 0) -> tuple[VLM, Tokenizer, ImageProcessor]:
+    """The tiny preset: a tokenizer learnt from `texts` and randomly initialised towers (std 0.02)."""
+    tokenizer = Tokenizer.train(texts, TINY_VOCAB)
+    torch.manual_seed(seed)
+    llm = LLMConfig(vocab_size=tokenizer.tok.get_vocab_size(), **TINY_LLM)
+    model = VLM(VLMConfig(TINY_VISION, llm, image_token_id=tokenizer.image_token_id, template="vicuna_v1",
+                          pad_to_square=False))
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:
+            torch.nn.init.normal_(p, std=0.02)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+    processor = ImageProcessor(size=TINY_VISION.image_size, crop_size=TINY_VISION.image_size, pad_to_square=False)
+    return model, tokenizer, processor
+
+
+def pretrained_model(preset: Preset, dtype: torch.dtype, device) -> tuple[VLM, Tokenizer, ImageProcessor]:
+    """A new VLM from a preset's pretrained CLIP and LLM, with a fresh projector (LLaVA's stage-1 start)."""
+    model = VLM.from_parts(preset.vision, preset.llm, preset.projector, preset.template, dtype, device)
+    tokenizer = Tokenizer.from_dir(resolve(preset.llm))
+    processor = ImageProcessor.from_dir(resolve(preset.vision), model.cfg.vision.image_size)
+    return model, tokenizer, processor

@@ -1,0 +1,274 @@
+"""The one training loop every recipe shares: torchrun DDP, gradient accumulation, AdamW, cosine schedule.
+
+A recipe (a train_*.py script) says which parameters train at which learning rate and what the objective is;
+this file does the rest:
+- one process per device under torchrun (NCCL on GPU, gloo on CPU), or a single process without it;
+- each optimizer step sees `global_batch_size` records whatever the world size and micro-batch size; its loss
+  is the sum over the step's targets divided by their total count across ranks and micro-batches, so one
+  process and N processes follow the same loss curve, and accumulation micro-batches skip gradient sync;
+- bf16 autocast on GPU; AdamW with one parameter group per part; linear warmup then cosine decay; gradient
+  clipping; a non-finite loss stops the run;
+- checkpoints (trainable weights, optimizer, step, every rank's RNG state, config) written atomically every
+  `save_every` steps; `resume` continues from the newest one exactly;
+- a tqdm bar on rank 0 and metrics in `metrics.jsonl` next to the checkpoints.
+Sharding (FSDP) would replace `wrap` and the checkpoint state functions; nothing else.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from .checkpoint import atomic_write, write_json, write_weights
+from .data import collate, step_batches
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/run"
+    global_batch_size: int = 128
+    micro_batch_size: int = 16  # per process; accumulation = global / (world * micro)
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    lr: dict[str, float] = field(default_factory=dict)  # parameter group -> learning rate; absent groups freeze
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_length: int = 2048
+    group_by_length: bool = False
+    gradient_checkpointing: bool = False
+    save_every: int = 0  # steps; 0 saves only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 1
+
+
+class Distributed:
+    """Rank, world size and device; torchrun's environment variables start the process group."""
+
+    def __init__(self):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Objective(nn.Module):
+    """What a recipe minimises. forward(batch) -> the loss summed over the batch's targets; count(batch) -> how
+    many targets it has (known before the forward pass, for normalising a whole step)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model.loss(batch["input_ids"], batch["labels"], batch["pixel_values"], reduction="sum")
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def wrap(objective: Objective, env: Distributed) -> nn.Module:
+    # Some micro-batches use no image (text-only samples), leaving the projector and vision tower unused.
+    return nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True) if env.world_size > 1 \
+        else objective
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [keys.tolist(), pos, has_gauss, gauss], "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, nn.Parameter], optimizer, cfg: TrainConfig,
+                    env: Distributed, keep: int) -> None:
+    """checkpoint-STEP/ holds the trainable weights (frozen ones never change), the optimizer, the step, the
+    config and one RNG file per rank. It is assembled under a temporary name and renamed when complete."""
+    final, tmp = out_dir / f"checkpoint-{step}", out_dir / f".checkpoint-{step}.tmp"
+    if env.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    env.barrier()
+    atomic_write(tmp / f"rng_rank{env.rank}.pt", lambda f: torch.save(rng_state(), f))
+    if env.main:
+        write_weights(tmp / "trainable.safetensors", {k: p.data for k, p in trainable.items()})
+        atomic_write(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
+        write_json(tmp / "trainer_state.json", {"step": step, "world_size": env.world_size, "config": asdict(cfg)})
+    env.barrier()
+    if env.main:
+        os.replace(tmp, final)
+        for old in checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old)
+    env.barrier()
+
+
+def load_checkpoint(path: Path, trainable: dict[str, nn.Parameter], optimizer, env: Distributed) -> int:
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state["world_size"] != env.world_size:
+        raise ValueError(f"{path} was written by {state['world_size']} processes; resume with as many")
+    weights = load_file(path / "trainable.safetensors")
+    if set(weights) != set(trainable):
+        raise ValueError(f"{path}: its trainable weights differ from this recipe's: "
+                         f"{sorted(set(weights) ^ set(trainable))[:8]}")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(weights[name])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=env.device, weights_only=True))
+    set_rng_state(torch.load(path / f"rng_rank{env.rank}.pt", weights_only=True))
+    return state["step"]
+
+
+def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[str, nn.Parameter]]],
+          dataset: torch.utils.data.Dataset, pad_id: int, env: Distributed) -> list[dict]:
+    """Run the recipe; return the logged metrics. `groups` maps a learning-rate group name (a key of cfg.lr)
+    to its named parameters; parameters outside every group in cfg.lr are frozen."""
+    out_dir = Path(cfg.out_dir)
+    unknown = set(cfg.lr) - set(groups)
+    if unknown:
+        raise ValueError(f"learning rates for unknown parameter groups {sorted(unknown)}; groups: {sorted(groups)}")
+    for p in objective.parameters():
+        p.requires_grad_(False)
+    trainable = {name: p for g in cfg.lr for name, p in groups[g]}
+    for p in trainable.values():
+        p.requires_grad_(True)
+        if env.device.type == "cuda":
+            p.data = p.data.float()  # fp32 master weights; frozen ones may stay in bf16
+    decay = lambda name, p: p.ndim >= 2 and cfg.weight_decay > 0  # noqa: E731  norms and biases never decay
+    param_groups = [{"params": [p for n, p in groups[g] if decay(n, p) == d], "lr": cfg.lr[g],
+                     "weight_decay": cfg.weight_decay if d else 0.0, "name": f"{g}{'/decay' if d else ''}"}
+                    for g in cfg.lr for d in (True, False)]
+    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], betas=cfg.betas, fused=False)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    lengths = [dataset.length(i) for i in range(len(dataset))] if cfg.group_by_length else None
+    steps_per_epoch = len(dataset) // cfg.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} records are fewer than one global batch of {cfg.global_batch_size}")
+    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    warmup = max(1, round(cfg.warmup_ratio * total))
+
+    step = 0
+    if cfg.resume and checkpoints(out_dir):
+        step = load_checkpoint(checkpoints(out_dir)[-1], trainable, optimizer, env)
+    model = wrap(objective.to(env.device), env)
+    if env.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "train_config.json", asdict(cfg))
+    log_file = out_dir / "metrics.jsonl"
+    if env.main:  # a fresh run starts a fresh log; a resumed one drops what was logged after its checkpoint
+        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= step] \
+            if log_file.exists() and step else []
+        log_file.write_text("".join(line + "\n" for line in kept))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=env.device.type == "cuda")
+    history, skipped, start_time = [], 0, time.time()
+    bar = tqdm(total=total, initial=step, disable=not env.main, desc=out_dir.name, dynamic_ncols=True)
+    objective.train()
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        plan = step_batches(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, env.world_size, env.rank,
+                            epoch, cfg.seed, lengths)[offset:offset + total - step]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[mb for s in plan for mb in s],
+                                             collate_fn=partial(collate, pad_id=pad_id), num_workers=cfg.num_workers)
+        batches = iter(loader)
+        for micro_batches in plan:
+            batch_list = [to_device(next(batches), env.device) for _ in micro_batches]
+            targets = env.sum(sum(objective.count(b) for b in batch_list))
+            skipped += sum(b["skipped"] for b in batch_list)
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * lr_factor(step, total, warmup, cfg.min_lr_ratio)
+            loss_sum = 0.0
+            for i, batch in enumerate(batch_list):
+                sync = i == len(batch_list) - 1 or env.world_size == 1
+                with autocast, (nullcontext() if sync else model.no_sync()):
+                    loss = model(batch)
+                    # DDP averages gradients over ranks; scale so the step's gradient is sum / total targets.
+                    (loss * env.world_size / max(targets, 1)).backward()
+                loss_sum += loss.item()
+            loss_value = env.sum(loss_sum) / max(targets, 1)
+            if not math.isfinite(loss_value):
+                raise RuntimeError(f"non-finite loss {loss_value} at step {step}; stopping (lower the learning rate "
+                                   f"or check the data of this step)")
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "epoch": epoch, "loss": loss_value, "grad_norm": float(grad_norm),
+                      "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}, "targets": int(targets),
+                      "skipped_records": int(env.sum(skipped)) + sum(getattr(dataset, "skipped", {}).values()),
+                      "elapsed_s": round(time.time() - start_time, 2)}
+            history.append(record)
+            if env.main and (step % cfg.log_every == 0 or step == total):
+                with open(log_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                save_checkpoint(out_dir, step, trainable, optimizer, cfg, env, cfg.keep_checkpoints)
+    bar.close()
+    return history

@@ -1,0 +1,233 @@
+"""The shapes world generator: determinism, the hold-out split, answers that follow from the pixels, scoring."""
+
+import hashlib
+import json
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data.shapes import COLOURS, PLURALS, ShapesConfig, generate
+from data.shapes_eval import format_table, normalize_answer, score
+
+SMALL = ShapesConfig(num_train=300, num_unlabeled=50, num_eval=100)
+FILES = ("captions.json", "instruct.json", "unlabeled.json", "eval.json", "objects.json", "world.json")
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    generate(out, SMALL)
+    return out
+
+
+def load(out: Path, name: str):
+    return json.loads((out / name).read_text())
+
+
+def digest(out: Path) -> str:
+    pngs = sorted((out / "images").glob("*.png"))
+    paths = [out / name for name in FILES] + pngs[:: max(1, len(pngs) // 20)]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in paths)).hexdigest()
+
+
+def objects_of(out: Path) -> dict[str, list[dict]]:
+    return load(out, "objects.json")
+
+
+def find(objects: list[dict], pair: str) -> dict:
+    [obj] = [o for o in objects if f"{o['colour']} {o['shape']}" == pair]  # questions name unique objects only
+    return obj
+
+
+def expected_answer(question: str, objects: list[dict], image_size: int) -> str:
+    """Answer a question from the stored objects alone, independently of the generator's own code."""
+    if m := re.fullmatch(r"What colour is the (\w+)\?", question):
+        [obj] = [o for o in objects if o["shape"] == m[1]]
+        return obj["colour"]
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+        [obj] = [o for o in objects if o["colour"] == m[1]]
+        return obj["shape"]
+    if m := re.fullmatch(r"Is the (\w+ \w+) small or large\?", question):
+        return find(objects, m[1])["size"]
+    if question == "How many objects are there?":
+        return str(len(objects))
+    if m := re.fullmatch(r"How many (\w+) objects are there\?", question):
+        return str(sum(o["colour"] == m[1] for o in objects))
+    if m := re.fullmatch(r"How many (\w+) are there\?", question):
+        return str(sum(PLURALS[o["shape"]] == m[1] for o in objects))
+    if m := re.fullmatch(r"Is there an? (\w+ \w+) in the image\?", question):
+        return "yes" if any(f"{o['colour']} {o['shape']}" == m[1] for o in objects) else "no"
+    if m := re.fullmatch(r"Is the (\w+ \w+) (to the left of|to the right of|above|below) the (\w+ \w+)\?", question):
+        a, b = find(objects, m[1]), find(objects, m[3])
+        axis = "x" if "left" in m[2] or "right" in m[2] else "y"
+        offset = a[axis] - b[axis]
+        assert abs(offset) >= 0.15 * image_size, "spatial questions need a clear margin"
+        holds = offset < 0 if m[2] in ("to the left of", "above") else offset > 0
+        return "yes" if holds else "no"
+    raise AssertionError(f"unexpected question: {question!r}")
+
+
+def test_deterministic_and_seeded(world_dir: Path, tmp_path: Path):
+    generate(tmp_path / "again", SMALL)
+    generate(tmp_path / "other", ShapesConfig(**(vars(SMALL) | {"seed": 1})))
+    assert digest(tmp_path / "again") == digest(world_dir)
+    assert digest(tmp_path / "other") != digest(world_dir)
+    assert load(tmp_path / "other", "world.json")["holdout_pairs"] != load(world_dir, "world.json")["holdout_pairs"]
+
+
+def test_reuses_a_world_with_the_same_config(world_dir: Path, capsys: pytest.CaptureFixture):
+    before = (world_dir / "eval.json").stat().st_mtime_ns
+    assert generate(world_dir, SMALL) == load(world_dir, "world.json")
+    assert "reused" in capsys.readouterr().out
+    assert (world_dir / "eval.json").stat().st_mtime_ns == before
+
+
+def test_world_metadata(world_dir: Path):
+    world = load(world_dir, "world.json")
+    holdout = world["holdout_pairs"]
+    assert len(holdout) == 4
+    assert len({p.split()[0] for p in holdout}) == 4 and len({p.split()[1] for p in holdout}) == 4
+    assert not set(holdout) & set(world["pair_frequency"])
+    for name in ("captions", "instruct", "unlabeled", "eval"):
+        assert world["counts"][name] == len(load(world_dir, f"{name}.json"))
+    assert sum(world["counts"]["eval_questions"].values()) == world["counts"]["eval"]
+
+
+def test_held_out_pairs_never_in_training(world_dir: Path):
+    holdout = set(load(world_dir, "world.json")["holdout_pairs"])
+    for path, objects in objects_of(world_dir).items():
+        if not path.startswith("images/eval_"):
+            assert not {f"{o['colour']} {o['shape']}" for o in objects} & holdout, path
+    text = (world_dir / "captions.json").read_text() + (world_dir / "instruct.json").read_text()
+    assert not [pair for pair in holdout if pair in text]  # nor are they named, even in "no" questions
+
+
+def test_pixels_match_objects(world_dir: Path):
+    objects = objects_of(world_dir)
+    paths = list(objects)[:30] + [p for p in objects if p.startswith("images/eval_")][:30]
+    for path in paths:
+        image = Image.open(world_dir / path)
+        for o in objects[path]:
+            assert 0 <= o["x"] - o["r"] and o["x"] + o["r"] < image.width  # fully inside the image
+            assert image.getpixel((o["x"], o["y"])) == tuple(COLOURS[o["colour"]]), (path, o)
+        assert (40, 40, 40) in {colour for _, colour in image.getcolors()}  # some background shows
+
+
+def test_objects_do_not_overlap(world_dir: Path):
+    for objects in objects_of(world_dir).values():
+        assert 1 <= len(objects) <= 4
+        for i, a in enumerate(objects):
+            for b in objects[i + 1 :]:
+                gap = max(abs(a["x"] - b["x"]), abs(a["y"] - b["y"])) - a["r"] - b["r"] - 1
+                assert gap >= 2
+
+
+def test_eval_splits_follow_the_holdout(world_dir: Path):
+    holdout = set(load(world_dir, "world.json")["holdout_pairs"])
+    objects = objects_of(world_dir)
+    records = load(world_dir, "eval.json")
+    assert Counter(r["split"] for r in records).keys() == {"in_distribution", "holdout"}
+    for record in records:
+        pairs = {f"{o['colour']} {o['shape']}" for o in objects[record["image"]]}
+        assert bool(pairs & holdout) == (record["split"] == "holdout"), record
+
+
+def test_answers_follow_from_the_objects(world_dir: Path):
+    objects = objects_of(world_dir)
+    for record in load(world_dir, "eval.json"):
+        assert record["answer"] == expected_answer(record["question"], objects[record["image"]], 64), record
+    for record in load(world_dir, "instruct.json"):
+        turns = record["conversations"]
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            question = human["value"].removeprefix("<image>\n")
+            if question != "Describe the image.":
+                assert gpt["value"] == expected_answer(question, objects[record["image"]], 64), question
+
+
+def test_captions_list_objects_left_to_right(world_dir: Path):
+    objects = objects_of(world_dir)
+    for record in load(world_dir, "captions.json")[:50]:
+        ordered = sorted(objects[record["image"]], key=lambda o: (o["x"], o["y"]))
+        phrases = [f"{o['size']} {o['colour']} {o['shape']}" for o in ordered]
+        assert re.findall(r"(?:small|large) \w+ \w+", record["conversations"][1]["value"]) == phrases
+
+
+@pytest.mark.parametrize("name", ["instruct.json", "eval.json"])
+def test_yes_no_balanced(world_dir: Path, name: str):
+    records = load(world_dir, name)
+    if name == "eval.json":
+        assert {r.get("pope") for r in records if r["type"] == "existence"} == {"random", "popular", "adversarial"}
+        answers = [r["answer"] for r in records if r["type"] == "existence"]
+        spatial = [r["answer"] for r in records if r["type"] == "spatial"]
+    else:
+        turns = [t["value"] for r in records for t in r["conversations"]]
+        answers = [a for q, a in zip(turns[::2], turns[1::2]) if q.startswith("Is there")]
+        spatial = [a for q, a in zip(turns[::2], turns[1::2]) if re.search(r"left of|right of|above|below", q)]
+    for values in (answers, spatial):
+        assert len(values) >= 20
+        assert abs(values.count("yes") / len(values) - 0.5) <= 0.1
+
+
+def test_eval_types_balanced(world_dir: Path):
+    types = Counter(r["type"] for r in load(world_dir, "eval.json"))
+    assert set(types) == {"colour", "shape", "count", "size", "spatial", "existence"}
+    assert max(types.values()) <= 1.5 * min(types.values())
+
+
+@pytest.mark.parametrize("name", ["captions.json", "instruct.json"])
+def test_valid_llava_records(world_dir: Path, name: str):
+    records = load(world_dir, name)
+    assert len({r["id"] for r in records}) == len(records) == SMALL.num_train
+    for record in records:
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and turns
+        assert turns[0]["value"].startswith("<image>\n")
+        assert sum(t["value"].count("<image>") for t in turns) == 1
+        if name == "instruct.json":
+            assert 3 <= len(turns) // 2 <= 6
+            assert sum(t["value"] == "Describe the image." for t in turns) <= 1
+            answers = [t["value"] for t in turns[1::2] if not t["value"].endswith(".")]
+            assert all(a == a.lower() and " " not in a for a in answers)
+
+
+def test_images_exist_and_are_rgb(world_dir: Path):
+    records = load(world_dir, "captions.json") + load(world_dir, "unlabeled.json") + load(world_dir, "eval.json")
+    for image in {r["image"] for r in records}:
+        with Image.open(world_dir / image) as opened:
+            assert opened.size == (64, 64) and opened.mode == "RGB"
+
+
+def test_normalize_answer():
+    assert normalize_answer("  Yes.") == "yes"
+    assert normalize_answer("Two!") == "2"
+    assert normalize_answer("zero") == "0"
+    assert normalize_answer("The Red") == "red"
+    assert normalize_answer("a  large,  cross") == "large cross"
+
+
+def test_score_and_table():
+    records = [
+        {"id": "a", "answer": "red", "type": "colour", "split": "in_distribution"},
+        {"id": "b", "answer": "2", "type": "count", "split": "in_distribution"},
+        {"id": "c", "answer": "yes", "type": "existence", "split": "holdout"},
+        {"id": "d", "answer": "no", "type": "existence", "split": "holdout"},
+    ]
+    perfect = score(records, {"a": "Red.", "b": "two", "c": "Yes", "d": "no"})
+    assert perfect["in_distribution"] == {"colour": 1.0, "count": 1.0, "overall": 1.0, "n": 2}
+    assert perfect["holdout"] == {"existence": 1.0, "overall": 1.0, "n": 2}
+    one_wrong = score(records, {"a": "red", "b": "2", "c": "yes", "d": "yes"})
+    assert one_wrong["holdout"]["existence"] == 0.5 and one_wrong["holdout"]["overall"] == 0.5
+    assert score(records, {"a": "red"})["in_distribution"]["overall"] == 0.5  # a missing prediction is wrong
+    table = format_table(one_wrong)
+    assert "| existence | - | 50.0 |" in table and "| overall | 100.0 | 50.0 |" in table
+
+
+def test_two_thousand_images_in_under_ten_seconds(tmp_path: Path):
+    start = time.perf_counter()
+    generate(tmp_path, ShapesConfig(num_train=1600, num_unlabeled=200, num_eval=200))
+    assert time.perf_counter() - start < 10
+    assert len(list((tmp_path / "images").glob("*.png"))) == 2000

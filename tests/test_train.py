@@ -1,0 +1,126 @@
+"""The shared training loop: the loss goes down, torchrun with 2 processes equals 1, a killed run resumes exactly."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.shapes import ShapesConfig, generate
+from nanovlm.data import DataSource, LLaVADataset
+from nanovlm.presets import tiny_model
+from nanovlm.templates import get_template
+from nanovlm.train import Distributed, Objective, TrainConfig, train
+from nanovlm.vlm import VLM
+from train_align import shapes_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    generate(out, ShapesConfig(num_train=160, num_unlabeled=0, num_eval=20))
+    return out
+
+
+@pytest.fixture(scope="module")
+def init(world, tmp_path_factory):
+    """A tiny model, saved as the stage-1 checkpoint that train_sft.py continues."""
+    model, tokenizer, processor = tiny_model(shapes_corpus(world, "vicuna_v1"))
+    out = tmp_path_factory.mktemp("init")
+    model.save_pretrained(out, tokenizer, processor)
+    return out
+
+
+def sft(init, world, out, *args, processes=1, timeout=300, wait=True):
+    script = [str(ROOT / "train_sft.py"), "--init", str(init), "--data", str(world / "instruct.json"),
+              "--out_dir", str(out), "--global_batch_size", "16", *args]
+    if processes > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                   "--master_addr=127.0.0.1", f"--master_port={port}", *script]
+    else:
+        command = [sys.executable, *script]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_goes_down(world, tmp_path):
+    model, tokenizer, processor = tiny_model(shapes_corpus(world, "vicuna_v1"))
+    data = LLaVADataset([DataSource(world / "instruct.json")], tokenizer, get_template("vicuna_v1"), processor,
+                        model.cfg.vision.num_image_tokens(), 512)
+    cfg = TrainConfig(out_dir=str(tmp_path), global_batch_size=16, micro_batch_size=16, max_steps=20,
+                      lr={"vision": 1e-3, "projector": 1e-3, "llm": 1e-3})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = train(cfg, Objective(model), model.parameter_groups(), data, tokenizer.pad_id,
+                    Distributed())
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_frozen_parts_do_not_change(world, init, tmp_path):
+    model = VLM.from_pretrained(str(init))
+    history = sft(init, world, tmp_path / "run", "--max_steps", "2", "--lr", "projector=1e-3")
+    trained = VLM.from_pretrained(str(tmp_path / "run"))
+    assert len(history) == 2
+    for part, params in trained.parameter_groups().items():
+        original = dict(model.parameter_groups()[part])
+        changed = [not torch.equal(p, original[name]) for name, p in params]
+        assert all(changed) if part == "projector" else not any(changed), part
+
+
+def test_non_finite_loss_stops_the_run(world, tmp_path):
+    class Exploding(Objective):
+        def forward(self, batch):
+            return super().forward(batch) * float("nan")
+
+    model, tokenizer, processor = tiny_model(shapes_corpus(world, "vicuna_v1"))
+    data = LLaVADataset([DataSource(world / "instruct.json")], tokenizer, get_template("vicuna_v1"), processor,
+                        model.cfg.vision.num_image_tokens(), 512)
+    cfg = TrainConfig(out_dir=str(tmp_path), global_batch_size=16, micro_batch_size=16, max_steps=3,
+                      lr={"llm": 1e-3})
+    with pytest.raises(RuntimeError, match="non-finite loss nan at step 0"):
+        train(cfg, Exploding(model), model.parameter_groups(), data, tokenizer.pad_id, Distributed())
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_single_process_loss_curve(world, init, tmp_path):
+    single = sft(init, world, tmp_path / "one", "--max_steps", "4", "--micro_batch_size", "8")
+    double = sft(init, world, tmp_path / "two", "--max_steps", "4", "--micro_batch_size", "4", processes=2)
+    assert [round(r["targets"]) for r in single] == [round(r["targets"]) for r in double]
+    for a, b in zip(single, double):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
+    one, two = VLM.from_pretrained(str(tmp_path / "one")), VLM.from_pretrained(str(tmp_path / "two"))
+    for (name, p), q in zip(one.state_dict().items(), two.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-5), name
+    assert not list((tmp_path / "two").glob("checkpoint-*")) and (tmp_path / "two" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_on_the_same_loss_curve(world, init, tmp_path):
+    args = ["--max_steps", "12", "--save_every", "3", "--micro_batch_size", "8"]
+    uninterrupted = sft(init, world, tmp_path / "whole", *args)
+    victim = sft(init, world, tmp_path / "cut", *args, wait=False)
+    deadline = time.time() + 240
+    while not (tmp_path / "cut" / "checkpoint-6").is_dir() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = sft(init, world, tmp_path / "cut", *args, "--resume")
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    for a, b in zip(uninterrupted, resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a, b)
+    assert len(list((tmp_path / "cut").glob("checkpoint-*"))) == 2

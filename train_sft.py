@@ -1,0 +1,57 @@
+"""Stage 2 of LLaVA (Liu et al., NeurIPS 2023): visual instruction tuning.
+
+Recipe: the chat template of the preset (`vicuna_v1` for LLaVA-1.5), loss on the assistant's answers only;
+the projector and the LLM train at lr 2e-5, the vision tower stays frozen; global batch 128, one epoch,
+cosine decay after 3% warmup, no weight decay. It continues the stage-1 checkpoint (--init, by default
+train_align.py's output). On the tiny preset it trains on the shapes world's multi-turn QA and then prints
+the shapes evaluation and a few sample answers.
+
+    python train_sft.py                                      # tiny preset, after python train_align.py
+    torchrun --nproc_per_node=8 train_sft.py --preset llava15-7b --data llava_v1_5_mix665k.json
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from data import shapes_eval
+from nanovlm.data import DataSource
+from nanovlm.presets import PRESETS
+from nanovlm.recipe import dataset, fit, parse, start_from
+from nanovlm.train import TrainConfig
+
+RECIPES = {
+    "llava15-7b": TrainConfig(out_dir="out/llava15-7b/sft", global_batch_size=128, micro_batch_size=16,
+                              lr={"projector": 2e-5, "llm": 2e-5}, max_length=2048, num_workers=4),
+    "small": TrainConfig(out_dir="out/small/sft", global_batch_size=128, micro_batch_size=16,
+                         lr={"projector": 2e-5, "llm": 2e-5}, max_length=2048, num_workers=4),
+    "tiny": TrainConfig(out_dir="out/tiny/sft", global_batch_size=64, micro_batch_size=32,
+                        lr={"vision": 5e-4, "projector": 5e-4, "llm": 5e-4}, max_length=512),
+}
+SHAPES_DIR = Path("out/shapes")
+ALIGN_OUTPUT = {"llava15-7b": "out/llava15-7b/align", "small": "out/small/align", "tiny": "out/tiny/align"}
+
+
+def report(model, tokenizer, processor, out_dir: Path, samples: int = 6) -> dict:
+    """Score the shapes eval split, print the table and a few answers, keep every prediction beside the model."""
+    scores, predictions = shapes_eval.evaluate(model, tokenizer, processor, SHAPES_DIR)
+    print("\nshapes world, greedy answers, exact match (%):\n" + shapes_eval.format_table(scores))
+    for p in predictions[:samples]:
+        print(f"  [{p['split']}] {p['question']}  ->  {p['prediction']!r}  (answer: {p['answer']})")
+    (out_dir / "eval_shapes.json").write_text(json.dumps({"scores": scores, "predictions": predictions}, indent=1))
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    run = parse(__doc__.splitlines()[0], RECIPES, argv)
+    model, tokenizer, processor = start_from(run, ALIGN_OUTPUT[run.preset])
+    is_shapes = PRESETS[run.preset].vision is None and not run.data
+    if is_shapes:
+        run.data = [DataSource(SHAPES_DIR / "instruct.json")]
+    fit(run, model, tokenizer, processor, dataset(run, model, tokenizer, processor, model.cfg.template))
+    if is_shapes and run.env.main:
+        report(model, tokenizer, processor, Path(run.cfg.out_dir))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
