@@ -35,11 +35,28 @@ PRESETS = {
 }
 
 # Trained from scratch, the tiny tower has no contrastive last layer to avoid, so it uses its last layer.
+# 16 px patches (16 image tokens): measured on the shapes world, they learn colours and shapes faster per second
+# than 8 px patches (64 tokens), whose longer sequences cost 2.3x more per step.
 TINY_VISION = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=64, patch_size=8, hidden_act="gelu", select_layer=-1)
-TINY_LLM = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                           image_size=64, patch_size=16, hidden_act="gelu", select_layer=-1)
+TINY_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=True)
 TINY_VOCAB = 640
+
+
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """(side*side, dim) 2-D sine-cosine positions (He et al., MAE, 2022), row-major like the patch grid.
+
+    Used as the initial value of the tiny tower's learned positions: drawn at std 0.02 they would be ~20x
+    weaker than the patch contents, and a tower trained from scratch takes hundreds of steps to learn where a
+    patch is, which spatial, counting and shape questions all need.
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    y, x = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                          indexing="ij")
+    angles = [pos.reshape(-1, 1) * omega for pos in (y, x)]
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
 
 
 def tiny_model(texts: list[str], seed: int = 0) -> tuple[VLM, Tokenizer, ImageProcessor]:
@@ -54,6 +71,9 @@ def tiny_model(texts: list[str], seed: int = 0) -> tuple[VLM, Tokenizer, ImagePr
             torch.nn.init.normal_(p, std=0.02)
         elif name.endswith("bias"):
             torch.nn.init.zeros_(p)
+    with torch.no_grad():
+        model.vision_tower.embeddings.position_embedding.weight[1:] = sincos_2d(
+            TINY_VISION.image_size // TINY_VISION.patch_size, TINY_VISION.hidden_size)
     processor = ImageProcessor(size=TINY_VISION.image_size, crop_size=TINY_VISION.image_size, pad_to_square=False)
     return model, tokenizer, processor
 

@@ -47,12 +47,11 @@ def model_dtype(run: Run) -> torch.dtype:
     return torch.bfloat16 if run.env.device.type == "cuda" else torch.float32
 
 
-def dataset(run: Run, model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, template: str,
-            skip_bad: bool = False) -> LLaVADataset:
+def dataset(run: Run, model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, template: str) -> LLaVADataset:
     if not run.data:
         raise SystemExit(f"--data is required for the {run.preset} preset")
     return LLaVADataset(run.data, tokenizer, get_template(template), processor, model.cfg.vision.num_image_tokens(),
-                        run.cfg.max_length, run.cfg.seed, skip_bad)
+                        run.cfg.max_length, run.cfg.seed, run.cfg.skip_bad_records)
 
 
 def fit(run: Run, model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, data: LLaVADataset,

@@ -50,6 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
     max_length: int = 2048
+    skip_bad_records: bool = False  # drop (and count) bad records instead of stopping with their file and index
     group_by_length: bool = False
     gradient_checkpointing: bool = False
     save_every: int = 0  # steps; 0 saves only at the end

@@ -68,12 +68,13 @@ def test_loss_goes_down(world, tmp_path):
     history = train(cfg, Objective(model), model.parameter_groups(), data, tokenizer.pad_id,
                     Distributed())
     assert history[-1]["loss"] < 0.6 * history[0]["loss"]
-    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    unchanged = [k for k, v in model.state_dict().items() if torch.equal(before[k], v)]
+    assert unchanged == ["vision_tower.post_layernorm.weight", "vision_tower.post_layernorm.bias"]  # unused
 
 
 def test_frozen_parts_do_not_change(world, init, tmp_path):
     model = VLM.from_pretrained(str(init))
-    history = sft(init, world, tmp_path / "run", "--max_steps", "2", "--lr", "projector=1e-3")
+    history = sft(init, world, tmp_path / "run", "--max_steps", "2", "--micro_batch_size", "8", "--lr", "projector=1e-3")
     trained = VLM.from_pretrained(str(tmp_path / "run"))
     assert len(history) == 2
     for part, params in trained.parameter_groups().items():
