@@ -17,7 +17,7 @@ from nanovlm.data import DataSource, LLaVADataset
 from nanovlm.presets import tiny_model
 from nanovlm.templates import get_template
 from nanovlm.train import Distributed, Objective, TrainConfig, train
-from nanovlm.vlm import VLM
+from nanovlm.vlm import VLM, load_pretrained
 from train_align import shapes_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,3 +125,18 @@ def test_killed_run_resumes_on_the_same_loss_curve(world, init, tmp_path):
     for a, b in zip(uninterrupted, resumed):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a, b)
     assert len(list((tmp_path / "cut").glob("checkpoint-*"))) == 2
+
+
+@pytest.mark.slow
+def test_default_align_run_builds_the_shapes_world_and_a_loadable_model(tmp_path):
+    """The README's first command, shortened: no --data, so it generates the shapes world in ./out/shapes."""
+    run = subprocess.run([sys.executable, str(ROOT / "train_align.py"), "--max_steps", "3"], cwd=tmp_path,
+                         env=os.environ | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "out" / "shapes" / "world.json").is_file()
+    model, tokenizer, processor = load_pretrained(str(tmp_path / "out" / "tiny" / "align"))
+    history = [json.loads(line) for line in (tmp_path / "out" / "tiny" / "align" / "metrics.jsonl").open()]
+    assert [r["step"] for r in history] == [1, 2, 3] and history[-1]["loss"] < history[0]["loss"]
+    # the learnt tokenizer knows the world's words and the chat template's: one token each, no byte pieces
+    assert len(tokenizer.encode(" ASSISTANT: yellow triangle")) <= 5
+    assert model.cfg.image_token_id == tokenizer.image_token_id
