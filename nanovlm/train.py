@@ -185,6 +185,19 @@ def load_checkpoint(path: Path, trainable: dict[str, nn.Parameter], optimizer, e
     return state["step"]
 
 
+def make_optimizer(cfg: TrainConfig, groups: dict[str, list[tuple[str, nn.Parameter]]]) -> torch.optim.AdamW:
+    """AdamW with one parameter group per trained part, split into matrices (decayed) and norms and biases
+    (never decayed)."""
+    param_groups = []
+    for name, lr in cfg.lr.items():
+        for decayed in (True, False):
+            params = [p for _, p in groups[name] if (p.ndim >= 2 and cfg.weight_decay > 0) == decayed]
+            if params:
+                param_groups.append({"params": params, "lr": lr, "name": name + "/decay" * decayed,
+                                     "weight_decay": cfg.weight_decay if decayed else 0.0})
+    return torch.optim.AdamW(param_groups, betas=cfg.betas)
+
+
 def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[str, nn.Parameter]]],
           dataset: torch.utils.data.Dataset, pad_id: int, env: Distributed) -> list[dict]:
     """Run the recipe; return the logged metrics. `groups` maps a learning-rate group name (a key of cfg.lr)
@@ -200,11 +213,7 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
         p.requires_grad_(True)
         if env.device.type == "cuda":
             p.data = p.data.float()  # fp32 master weights; frozen ones may stay in bf16
-    decay = lambda name, p: p.ndim >= 2 and cfg.weight_decay > 0  # noqa: E731  norms and biases never decay
-    param_groups = [{"params": [p for n, p in groups[g] if decay(n, p) == d], "lr": cfg.lr[g],
-                     "weight_decay": cfg.weight_decay if d else 0.0, "name": f"{g}{'/decay' if d else ''}"}
-                    for g in cfg.lr for d in (True, False)]
-    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], betas=cfg.betas, fused=False)
+    optimizer = make_optimizer(cfg, groups)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     lengths = [dataset.length(i) for i in range(len(dataset))] if cfg.group_by_length else None
