@@ -10,11 +10,11 @@ the shapes evaluation and a few sample answers.
     torchrun --nproc_per_node=8 train_sft.py --preset llava15-7b --data llava_v1_5_mix665k.json
 """
 
-import json
 import sys
 from pathlib import Path
 
 from data import shapes_eval
+from nanovlm.checkpoint import write_json
 from nanovlm.data import DataSource
 from nanovlm.presets import PRESETS
 from nanovlm.recipe import dataset, fit, parse, start_from
@@ -39,7 +39,7 @@ def report(model, tokenizer, processor, out_dir: Path, samples: int = 6) -> dict
     print("\nshapes world, greedy answers, exact match (%):\n" + shapes_eval.format_table(scores))
     for p in predictions[:samples]:
         print(f"  [{p['split']}] {p['question']}  ->  {p['prediction']!r}  (answer: {p['answer']})")
-    (out_dir / "eval_shapes.json").write_text(json.dumps({"scores": scores, "predictions": predictions}, indent=1))
+    write_json(out_dir / "eval_shapes.json", {"scores": scores, "predictions": predictions})
     return scores
 
 

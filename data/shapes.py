@@ -1,6 +1,9 @@
 """The shapes world: a deterministic synthetic dataset to train and evaluate a tiny VLM on a laptop CPU.
 
-Each image shows 1-4 coloured shapes on a dark-grey background. `generate` (or `python data/shapes.py --out
+Each image shows 1-4 coloured shapes on a dark-grey background, each in its own cell of a 4x4 grid (moved by a
+pixel at most from the cell's centre), so that one object falls in one patch of the tiny preset's vision tower:
+with shapes, colours and sizes read off a single patch, the tiny model learns them in minutes on a CPU, and what
+stays hard is what VLMs find hard: binding attributes, counting, spatial relations and hallucinated objects. `generate` (or `python data/shapes.py --out
 out/shapes`) writes LLaVA JSON: captions.json (stage 1: a caption per train image), instruct.json (stage 2: a
 3-6 turn conversation per train image), unlabeled.json (images only, for self-training such as STIC), eval.json
 (single short-answer questions for `score` and `format_table`; the eval script puts "<image>\n" in front),
@@ -25,20 +28,25 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-VERSION = 1  # bump when the output changes, so that a stale world.json is not reused
+VERSION = 2  # bump when the output changes, so that a stale world.json is not reused
 BACKGROUND = (40, 40, 40)
 SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = {  # far apart in RGB, and from the background, so that a 64 px image leaves no doubt
+COLOURS = {  # far apart in RGB, and from the background, so that a small image leaves no doubt
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 215, 50),
     "purple": (150, 60, 200), "orange": (245, 135, 30), "white": (240, 240, 240),
 }
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
-SIZES = {"small": 0.09, "large": 0.18}  # half the side of an object's bounding box, as a fraction of the image
+SIZES = {"small": 0.2, "large": 0.38}  # half the side of an object's bounding box, as a fraction of its cell
 MAX_OBJECTS = 4
 MIN_GAP = 2  # background pixels between any two bounding boxes
+# A pixel of jitter keeps images distinct while a shape stays a fixed pattern of pixels in its patch: a ViT
+# trained from scratch has no convolutional prior, and with jitter of a few pixels it needs far more than the
+# default run's minutes to tell a small circle from a small square.
+JITTER = 1
+GRID = 4  # cells per side; the tiny tower's patch is one cell
 NUM_HOLDOUT = 4
 COMPANIONS_PER_PAIR, COMPANION_PROB = 2, 0.4
-SPATIAL_MARGIN = 0.15  # spatial questions need centres this far apart (fraction of the image) on their axis
+SPATIAL_MARGIN = 0.5  # spatial questions need centres this far apart (fraction of a cell) on their axis
 POPE_KINDS = ("random", "popular", "adversarial")
 POPE_TOP_K = 3  # popular / adversarial negatives come from the top-k absent pairs
 FOCUS_PROB = 0.8  # how often a hold-out image's question is about its held-out object, when one can be
@@ -57,7 +65,7 @@ class ShapesConfig:
     num_train: int = 16000
     num_unlabeled: int = 2000
     num_eval: int = 2000
-    image_size: int = 64
+    image_size: int = 96
     seed: int = 0
 
 
@@ -73,10 +81,6 @@ class Obj:
     @property
     def pair(self) -> str:
         return f"{self.colour} {self.shape}"
-
-    def separated(self, other: "Obj") -> bool:
-        gap = max(abs(self.x - other.x), abs(self.y - other.y)) - self.r - other.r - 1
-        return gap >= MIN_GAP
 
 
 @dataclass
@@ -119,33 +123,23 @@ def sample_pairs(rng: random.Random, world: World, n: int) -> list[str]:
     return pairs
 
 
-def place(rng: random.Random, pair: str, size: str, others: list[Obj], image_size: int) -> Obj | None:
-    """Rejection-sample a position fully inside the image and clear of `others`; None if none is found."""
+def place(rng: random.Random, pair: str, size: str, cell: tuple[int, int], cell_size: int) -> Obj:
+    """An object in grid cell (column, row), its centre moved by up to JITTER pixels from the cell's centre."""
     colour, shape = pair.split()
-    r = round(SIZES[size] * image_size)
-    for _ in range(50):
-        obj = Obj(colour, shape, size, rng.randint(r, image_size - 1 - r), rng.randint(r, image_size - 1 - r), r)
-        if all(obj.separated(other) for other in others):
-            return obj
-    return None
+    r = round(SIZES[size] * cell_size)
+    jitter = min(JITTER, cell_size // 2 - r - MIN_GAP)  # keeps a free margin around the box, inside the cell
+    x, y = (c * cell_size + cell_size // 2 + rng.randint(-jitter, jitter) for c in cell)
+    return Obj(colour, shape, size, x, y, r)
 
 
-def sample_scene(rng: random.Random, world: World, image_size: int, holdout: bool) -> list[Obj]:
-    while True:  # a scene that does not fit even with small objects is drawn again
-        n = rng.randint(1, MAX_OBJECTS)
-        pairs = sample_pairs(rng, world, n)
-        if holdout:
-            pairs[rng.randrange(n)] = rng.choice(world.holdout)
-        objects = []
-        for pair in pairs:
-            # Four large objects rarely fit in the image, so a crowded scene falls back to a small one.
-            obj = place(rng, pair, rng.choice(list(SIZES)), objects, image_size)
-            obj = obj or place(rng, pair, "small", objects, image_size)
-            if obj is None:
-                break
-            objects.append(obj)
-        else:
-            return objects
+def sample_scene(rng: random.Random, world: World, cfg: "ShapesConfig", holdout: bool) -> list[Obj]:
+    n = rng.randint(1, MAX_OBJECTS)
+    pairs = sample_pairs(rng, world, n)
+    if holdout:
+        pairs[rng.randrange(n)] = rng.choice(world.holdout)
+    cells = rng.sample([(col, row) for row in range(GRID) for col in range(GRID)], n)
+    cell_size = cfg.image_size // GRID
+    return [place(rng, pair, rng.choice(list(SIZES)), cell, cell_size) for pair, cell in zip(pairs, cells)]
 
 
 def draw(objects: list[Obj], image_size: int) -> Image.Image:
@@ -212,7 +206,7 @@ def spatial_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
     for a, b in permutations(unique(objects, "pair"), 2):
         for relation, (axis, sign) in relations.items():
             offset = ((a.x, a.y)[axis] - (b.x, b.y)[axis]) * sign  # > 0 when the relation holds
-            if abs(offset) >= SPATIAL_MARGIN * asker.image_size:  # close calls would be ambiguous to the eye
+            if abs(offset) >= SPATIAL_MARGIN * asker.cell_size:  # objects in one column (row) are not compared
                 text = f"Is the {a.pair} {relation} the {b.pair}?"
                 questions.append(Question("spatial", text, "yes" if offset > 0 else "no", (a.pair, b.pair)))
     return questions
@@ -249,7 +243,7 @@ class Asker:
     """Draws questions about scenes, and tallies what it asked to keep types, yes/no and POPE kinds balanced."""
 
     rng: random.Random
-    image_size: int
+    cell_size: int
     vocab: list[str]  # the pairs that questions may name
     frequency: Counter  # train images holding each pair
     cooccurrence: dict[str, Counter]  # train images holding each two pairs
@@ -326,7 +320,7 @@ def sample_scenes(cfg: ShapesConfig, world: World) -> dict[str, dict[str, list[O
     def split(name: str, count: int, holdout=lambda i: False) -> dict[str, list[Obj]]:
         rng = random.Random(f"{cfg.seed}-{name}")  # a stream per split: eval does not depend on num_train
         paths = [f"images/{name}_{i:06d}.png" for i in range(count)]
-        return {path: sample_scene(rng, world, cfg.image_size, holdout(i)) for i, path in enumerate(paths)}
+        return {path: sample_scene(rng, world, cfg, holdout(i)) for i, path in enumerate(paths)}
 
     return {
         "train": split("train", cfg.num_train),
@@ -339,7 +333,7 @@ def make_records(cfg: ShapesConfig, world: World, scenes: dict, stats: tuple) ->
     """The records of each JSON split, and how many instruct questions each type has."""
     seen = list(world.weights)  # training text never names a held-out pair, not even to deny it
     askers = {  # one per split, each with its own tallies, so that each split is balanced on its own
-        name: Asker(random.Random(f"{cfg.seed}-{name}-text"), cfg.image_size, vocab, *stats)
+        name: Asker(random.Random(f"{cfg.seed}-{name}-text"), cfg.image_size // GRID, vocab, *stats)
         for name, vocab in [("train", seen), ("in_distribution", seen), ("holdout", seen + world.holdout)]
     }
     rng = random.Random(f"{cfg.seed}-captions")
@@ -384,7 +378,7 @@ def generate(out_dir: str | Path, cfg: ShapesConfig = ShapesConfig()) -> dict:
         "config": asdict(cfg),
         "colours": COLOURS,
         "shapes": list(SHAPES),
-        "sizes": {name: round(f * cfg.image_size) for name, f in SIZES.items()},  # half a box side, in pixels
+        "sizes": {name: round(f * cfg.image_size // GRID) for name, f in SIZES.items()},  # half a box side, in pixels
         "holdout_pairs": world.holdout,
         "companions": world.companions,
         "counts": counts,

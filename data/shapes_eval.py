@@ -1,14 +1,13 @@
 """Scoring a model on the shapes world's eval split: exact match per question type, in-distribution and on the
 compositional hold-out (colour-shape pairs never seen in training)."""
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
 
-from nanovlm.generate import Sampling, answer
-from nanovlm.image import ImageProcessor, load_image
-from nanovlm.templates import get_template
+from nanovlm import benchmarks
+from nanovlm.generate import Sampling
+from nanovlm.image import ImageProcessor
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.vlm import VLM
 
@@ -54,13 +53,10 @@ def format_table(scores: dict) -> str:
 
 def evaluate(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, world_dir: Path, batch_size: int = 64,
              limit: int = 0) -> tuple[dict, list[dict]]:
-    """Greedy answers to every eval question (the first `limit` if > 0); returns the scores and the records
-    with their predictions."""
-    records = json.loads((world_dir / "eval.json").read_text())
-    records = records[:limit] if limit else records
+    """Greedy answers to every eval question (the first `limit` if > 0), through the same benchmark path as
+    `eval.py --task shapes`; returns the scores and the records with their predictions."""
+    benchmark = benchmarks.load("shapes", world_dir / "eval.json", limit)
     model.eval()
-    questions = [(load_image(world_dir / r["image"]), "<image>\n" + r["question"]) for r in records]
-    answers = answer(model, tokenizer, processor, get_template(model.cfg.template), questions,
-                     Sampling(max_new_tokens=24), batch_size, progress=True)
-    predictions = [r | {"prediction": a} for r, a in zip(records, answers)]
-    return score(records, {r["id"]: r["prediction"] for r in predictions}), predictions
+    answers = benchmarks.predict(model, tokenizer, processor, benchmark, Sampling(max_new_tokens=24), batch_size)
+    predictions = [r | {"prediction": a} for r, a in zip(benchmark.records, answers)]
+    return score(benchmark.records, {r["id"]: r["prediction"] for r in predictions}), predictions

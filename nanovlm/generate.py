@@ -7,12 +7,13 @@ its text contains one of the stop strings.
 """
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .image import ImageProcessor
+from .image import ImageProcessor, load_image
 from .llm import KVCache
 from .templates import Template, tokenize_conversation
 from .tokenizer import Tokenizer
@@ -105,9 +106,10 @@ def generate_text(model: VLM, tokenizer: Tokenizer, prompts: list[list[int]],
 
 
 def answer(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, template: Template,
-           questions: list[tuple[Image.Image | None, str]], sampling: Sampling = Sampling(max_new_tokens=64),
-           batch_size: int = 32, progress: bool = False) -> list[str]:
-    """One answer per (image or None, question), generated in batches with the chat template."""
+           questions: list[tuple[Image.Image | str | Path | None, str]],
+           sampling: Sampling = Sampling(max_new_tokens=64), batch_size: int = 32, progress: bool = False) -> list[str]:
+    """One answer per (image, image file or None; question), generated in batches with the chat template.
+    Image files are read batch by batch, so a benchmark of thousands of photos never sits in memory at once."""
     sampling = replace(sampling, stop_strings=sampling.stop_strings or (template.stop_str,))
     answers = []
     for start in tqdm(range(0, len(questions), batch_size), disable=not progress, desc="answering"):
@@ -115,7 +117,8 @@ def answer(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, template
         prompts = [tokenize_conversation(tokenizer, template, [{"from": "human", "value": question}],
                                          model.cfg.vision.num_image_tokens(), generation_prompt=True)[0]
                    for _, question in chunk]
-        images = [processor(image) for image, _ in chunk if image is not None]
+        images = [processor(load_image(image) if isinstance(image, (str, Path)) else image)
+                  for image, _ in chunk if image is not None]
         pixels = torch.stack(images).to(model.language_model.embed_tokens.weight.device) if images else None
         answers += generate_text(model, tokenizer, prompts, pixels, sampling)
     return answers

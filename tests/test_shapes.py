@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data.shapes import COLOURS, PLURALS, ShapesConfig, generate
+from data.shapes import COLOURS, GRID, PLURALS, ShapesConfig, generate
 from data.shapes_eval import format_table, normalize_answer, score
 
 SMALL = ShapesConfig(num_train=300, num_unlabeled=50, num_eval=100)
@@ -43,7 +43,7 @@ def find(objects: list[dict], pair: str) -> dict:
     return obj
 
 
-def expected_answer(question: str, objects: list[dict], image_size: int) -> str:
+def expected_answer(question: str, objects: list[dict], cell_size: int) -> str:
     """Answer a question from the stored objects alone, independently of the generator's own code."""
     if m := re.fullmatch(r"What colour is the (\w+)\?", question):
         [obj] = [o for o in objects if o["shape"] == m[1]]
@@ -65,7 +65,7 @@ def expected_answer(question: str, objects: list[dict], image_size: int) -> str:
         a, b = find(objects, m[1]), find(objects, m[3])
         axis = "x" if "left" in m[2] or "right" in m[2] else "y"
         offset = a[axis] - b[axis]
-        assert abs(offset) >= 0.15 * image_size, "spatial questions need a clear margin"
+        assert abs(offset) >= cell_size / 2, "spatial questions compare different columns (rows)"
         holds = offset < 0 if m[2] in ("to the left of", "above") else offset > 0
         return "yes" if holds else "no"
     raise AssertionError(f"unexpected question: {question!r}")
@@ -117,13 +117,15 @@ def test_pixels_match_objects(world_dir: Path):
         assert (40, 40, 40) in {colour for _, colour in image.getcolors()}  # some background shows
 
 
-def test_objects_do_not_overlap(world_dir: Path):
+def test_one_object_per_grid_cell(world_dir: Path):
+    cell = SMALL.image_size // GRID
     for objects in objects_of(world_dir).values():
         assert 1 <= len(objects) <= 4
-        for i, a in enumerate(objects):
-            for b in objects[i + 1 :]:
-                gap = max(abs(a["x"] - b["x"]), abs(a["y"] - b["y"])) - a["r"] - b["r"] - 1
-                assert gap >= 2
+        cells = {(o["x"] // cell, o["y"] // cell) for o in objects}
+        assert len(cells) == len(objects)
+        for o in objects:  # the box lies inside its cell with a free margin, so boxes never touch
+            assert o["x"] // cell * cell < o["x"] - o["r"] and o["x"] + o["r"] < (o["x"] // cell + 1) * cell - 1
+            assert o["y"] // cell * cell < o["y"] - o["r"] and o["y"] + o["r"] < (o["y"] // cell + 1) * cell - 1
 
 
 def test_eval_splits_follow_the_holdout(world_dir: Path):
@@ -139,13 +141,13 @@ def test_eval_splits_follow_the_holdout(world_dir: Path):
 def test_answers_follow_from_the_objects(world_dir: Path):
     objects = objects_of(world_dir)
     for record in load(world_dir, "eval.json"):
-        assert record["answer"] == expected_answer(record["question"], objects[record["image"]], 64), record
+        assert record["answer"] == expected_answer(record["question"], objects[record["image"]], SMALL.image_size // GRID), record
     for record in load(world_dir, "instruct.json"):
         turns = record["conversations"]
         for human, gpt in zip(turns[::2], turns[1::2]):
             question = human["value"].removeprefix("<image>\n")
             if question != "Describe the image.":
-                assert gpt["value"] == expected_answer(question, objects[record["image"]], 64), question
+                assert gpt["value"] == expected_answer(question, objects[record["image"]], SMALL.image_size // GRID), question
 
 
 def test_captions_list_objects_left_to_right(world_dir: Path):
@@ -198,7 +200,7 @@ def test_images_exist_and_are_rgb(world_dir: Path):
     records = load(world_dir, "captions.json") + load(world_dir, "unlabeled.json") + load(world_dir, "eval.json")
     for image in {r["image"] for r in records}:
         with Image.open(world_dir / image) as opened:
-            assert opened.size == (64, 64) and opened.mode == "RGB"
+            assert opened.size == (96, 96) and opened.mode == "RGB"
 
 
 def test_normalize_answer():

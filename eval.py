@@ -1,0 +1,90 @@
+"""Evaluate a VLM on a benchmark, or answer one question about one image.
+
+MODEL is a nanovlm checkpoint directory, a llava-hf repo id on the Hub or a local llava-hf directory. A benchmark
+run generates greedily in batches with the KV cache, prints a table and writes every prediction to JSON
+(--out; by default eval_TASK.json beside a local model, else under out/eval/). Tasks and file formats:
+nanovlm/benchmarks.py.
+
+    python eval.py out/tiny/sft --task shapes                       # the shapes world's eval split
+    python eval.py llava-hf/llava-1.5-7b-hf --task pope --data out/pope/pope.jsonl
+    python eval.py out/tiny/sft --image out/shapes/images/eval_000000.png --prompt "How many objects are there?"
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from data import shapes_eval
+from nanovlm import benchmarks
+from nanovlm.checkpoint import write_json
+from nanovlm.generate import Sampling, answer
+from nanovlm.image import load_image
+from nanovlm.templates import get_template
+from nanovlm.vlm import load_pretrained
+
+SHAPES_WORLD = Path("out/shapes")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="nanovlm checkpoint directory, llava-hf repo id or local llava-hf directory")
+    parser.add_argument("--task", choices=benchmarks.TASKS, default="shapes")
+    parser.add_argument("--data", help=f"benchmark file (shapes: default {SHAPES_WORLD / 'eval.json'})")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N records")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--out", help="predictions JSON (default: eval_TASK.json beside a local model)")
+    parser.add_argument("--image", help="answer one question about this image (with --prompt)")
+    parser.add_argument("--prompt", help="the question to ask about --image")
+    parser.add_argument("--temperature", type=float, default=0.0, help="one-question mode; 0 is greedy")
+    parser.add_argument("--revision", help="Hub revision of MODEL")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if bool(args.image) != bool(args.prompt):
+        parser.error("--image and --prompt go together")
+    return args
+
+
+def default_out(model: str, task: str) -> Path:
+    folder = Path(model) if Path(model).is_dir() else Path("out/eval") / model.replace("/", "--")
+    return folder / f"eval_{task}.json"
+
+
+def main(argv: list[str] | None = None) -> dict | str:
+    args = parse(argv)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model, tokenizer, processor = load_pretrained(args.model, args.revision, dtype, args.device)
+    model.eval()
+    if args.image:
+        sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        [reply] = answer(model, tokenizer, processor, get_template(model.cfg.template),
+                         [(load_image(args.image), "<image>\n" + args.prompt)], sampling)
+        print(reply)
+        return reply
+
+    if args.task == "shapes":
+        world = Path(args.data).parent if args.data else SHAPES_WORLD
+        scores, predictions = shapes_eval.evaluate(model, tokenizer, processor, world, args.batch_size, args.limit)
+        table = shapes_eval.format_table(scores)
+    else:
+        if not args.data:
+            raise SystemExit(f"--data is required for --task {args.task}")
+        benchmark = benchmarks.load(args.task, args.data, args.limit)
+        answers = benchmarks.predict(model, tokenizer, processor, benchmark,
+                                     Sampling(max_new_tokens=args.max_new_tokens), args.batch_size)
+        scores = benchmarks.score(benchmark, answers)
+        predictions = [r | {"prediction": a} for r, a in zip(benchmark.records, answers)]
+        table = benchmarks.format_scores(args.task, scores)
+    print(f"\n{args.model}, task {args.task}:\n{table}")
+    out = Path(args.out) if args.out else default_out(args.model, args.task)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, {"model": args.model, "task": args.task, "data": args.data, "scores": scores,
+                     "predictions": predictions})
+    print(f"predictions: {out}")
+    return scores
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
