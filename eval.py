@@ -8,6 +8,7 @@ nanovlm/benchmarks.py.
     python eval.py out/tiny/sft --task shapes                       # the shapes world's eval split
     python eval.py llava-hf/llava-1.5-7b-hf --task pope --data out/pope/pope.jsonl
     python eval.py out/tiny/sft --image out/shapes/images/eval_000000.png --prompt "How many objects are there?"
+    python eval.py out/tiny/selfq --image out/shapes/images/eval_000000.png --self_questions 3   # SQ-LLaVA
 """
 
 import argparse
@@ -21,6 +22,7 @@ from nanovlm import benchmarks
 from nanovlm.checkpoint import write_json
 from nanovlm.generate import Sampling, answer
 from nanovlm.image import load_image
+from nanovlm.selfq import ask_questions
 from nanovlm.templates import get_template
 from nanovlm.vlm import load_pretrained
 
@@ -39,11 +41,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image", help="answer one question about this image (with --prompt)")
     parser.add_argument("--prompt", help="the question to ask about --image")
     parser.add_argument("--temperature", type=float, default=0.0, help="one-question mode; 0 is greedy")
+    parser.add_argument("--self_questions", type=int, default=0,
+                        help="with --image: describe it, then pose N questions about it (SQ-LLaVA models)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed of --self_questions")
     parser.add_argument("--revision", help="Hub revision of MODEL")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if bool(args.image) != bool(args.prompt):
-        parser.error("--image and --prompt go together")
+    if args.image and not (args.prompt or args.self_questions):
+        parser.error("--image needs --prompt or --self_questions")
+    if (args.prompt or args.self_questions) and not args.image:
+        parser.error("--prompt and --self_questions need --image")
     return args
 
 
@@ -52,11 +59,17 @@ def default_out(model: str, task: str) -> Path:
     return folder / f"eval_{task}.json"
 
 
-def main(argv: list[str] | None = None) -> dict | str:
+def main(argv: list[str] | None = None) -> dict | str | list[str]:
     args = parse(argv)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tokenizer, processor = load_pretrained(args.model, args.revision, dtype, args.device)
     model.eval()
+    if args.self_questions:
+        description, questions = ask_questions(model, tokenizer, processor, get_template(model.cfg.template),
+                                               load_image(args.image), args.self_questions,
+                                               generator=torch.Generator(args.device).manual_seed(args.seed))
+        print(f"description: {description}\n" + "\n".join(f"VUSER: {q}" for q in questions))
+        return questions
     if args.image:
         sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
         [reply] = answer(model, tokenizer, processor, get_template(model.cfg.template),

@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 from data import shapes_eval
-from nanovlm.checkpoint import write_json
 from nanovlm.data import DataSource
 from nanovlm.presets import PRESETS
-from nanovlm.recipe import dataset, fit, parse, start_from
+from nanovlm.recipe import SHAPES_DIR, STAGE1_OUTPUT, dataset, fit, parse, start_from
 from nanovlm.train import TrainConfig
 
 RECIPES = {
@@ -29,29 +28,17 @@ RECIPES = {
     "tiny": TrainConfig(out_dir="out/tiny/sft", global_batch_size=32, micro_batch_size=32, epochs=2,
                         lr={"vision": 5e-4, "projector": 5e-4, "llm": 5e-4}, max_length=512),
 }
-SHAPES_DIR = Path("out/shapes")
-ALIGN_OUTPUT = {"llava15-7b": "out/llava15-7b/align", "small": "out/small/align", "tiny": "out/tiny/align"}
-
-
-def report(model, tokenizer, processor, out_dir: Path, samples: int = 6) -> dict:
-    """Score the shapes eval split, print the table and a few answers, keep every prediction beside the model."""
-    scores, predictions = shapes_eval.evaluate(model, tokenizer, processor, SHAPES_DIR)
-    print("\nshapes world, greedy answers, exact match (%):\n" + shapes_eval.format_table(scores))
-    for p in predictions[:samples]:
-        print(f"  [{p['split']}] {p['question']}  ->  {p['prediction']!r}  (answer: {p['answer']})")
-    write_json(out_dir / "eval_shapes.json", {"scores": scores, "predictions": predictions})
-    return scores
 
 
 def main(argv: list[str] | None = None) -> None:
     run = parse(__doc__.splitlines()[0], RECIPES, argv)
-    model, tokenizer, processor = start_from(run, ALIGN_OUTPUT[run.preset])
+    model, tokenizer, processor = start_from(run, STAGE1_OUTPUT[run.preset])
     is_shapes = PRESETS[run.preset].vision is None and not run.data
     if is_shapes:
         run.data = [DataSource(SHAPES_DIR / "instruct.json")]
     fit(run, model, tokenizer, processor, dataset(run, model, tokenizer, processor, model.cfg.template))
     if is_shapes and run.env.main:
-        report(model, tokenizer, processor, Path(run.cfg.out_dir))
+        shapes_eval.report(model, tokenizer, processor, SHAPES_DIR, Path(run.cfg.out_dir))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Scoring a model on the shapes world's eval split: exact match per question type, in-distribution and on the
 compositional hold-out (colour-shape pairs never seen in training)."""
 
+import argparse
+import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 from nanovlm import benchmarks
+from nanovlm.checkpoint import write_json
 from nanovlm.generate import Sampling
 from nanovlm.image import ImageProcessor
 from nanovlm.tokenizer import Tokenizer
@@ -60,3 +64,52 @@ def evaluate(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, world_
     answers = benchmarks.predict(model, tokenizer, processor, benchmark, Sampling(max_new_tokens=24), batch_size)
     predictions = [r | {"prediction": a} for r, a in zip(benchmark.records, answers)]
     return score(benchmark.records, {r["id"]: r["prediction"] for r in predictions}), predictions
+
+
+def report(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, world_dir: Path, out_dir: Path,
+           samples: int = 6) -> dict:
+    """What a training script prints at the end: the eval table and a few answers; every prediction is kept
+    beside the model in eval_shapes.json."""
+    scores, predictions = evaluate(model, tokenizer, processor, world_dir)
+    print("\nshapes world, greedy answers, exact match (%):\n" + format_table(scores))
+    for p in predictions[:samples]:
+        print(f"  [{p['split']}] {p['question']}  ->  {p['prediction']!r}  (answer: {p['answer']})")
+    write_json(out_dir / "eval_shapes.json", {"scores": scores, "predictions": predictions})
+    return scores
+
+
+def compare(variants: dict[str, list[dict]], split: str = "in_distribution") -> str:
+    """A markdown table comparing training variants, each run with several seeds: mean ± standard deviation
+    (over seeds, n - 1 in the denominator) of every question type's accuracy; variants as columns."""
+    rows = ["| question | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+    for qtype in EVAL_TYPES + ("overall",):
+        cells = []
+        for runs in variants.values():
+            values = [100 * run[split][qtype] for run in runs]
+            mean = sum(values) / len(values)
+            spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+            cells.append(f"{mean:.1f} ± {spread:.1f}")
+        rows.append(f"| {qtype} | " + " | ".join(cells) + " |")
+    rows.append("| seeds | " + " | ".join(str(len(runs)) for runs in variants.values()) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description="Compare training variants on the shapes eval: each VARIANT is a "
+                                     "directory whose subdirectories (one per seed) hold eval_shapes.json.")
+    parser.add_argument("variants", nargs="+", type=Path)
+    parser.add_argument("--split", default="in_distribution", choices=["in_distribution", "holdout"])
+    args = parser.parse_args(argv)
+    variants = {}
+    for folder in args.variants:
+        files = sorted(folder.glob("*/eval_shapes.json"))
+        if not files:
+            raise SystemExit(f"{folder}: no */eval_shapes.json (one subdirectory per seed)")
+        variants[folder.name] = [json.loads(f.read_text())["scores"] for f in files]
+    table = compare(variants, args.split)
+    print(f"shapes world, {args.split}, exact match (%), mean ± std over seeds:\n{table}")
+    return table
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

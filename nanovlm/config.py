@@ -23,18 +23,23 @@ def parse_value(text: str, like: Any) -> Any:
     return type(like)(text) if like is not None else text
 
 
-def override(cfg: Any, argv: list[str]) -> Any:
-    """A copy of dataclass `cfg` with the `--field value` pairs of argv applied; unknown fields are errors."""
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    changes, i = {}, 0
+def override(argv: list[str], *configs: Any) -> list[Any]:
+    """Copies of the dataclasses `configs` with the `--field value` pairs of argv applied to whichever has the
+    field (the first one that has it); unknown fields are errors."""
+    fields, owner = {}, {}
+    for index, cfg in reversed(list(enumerate(configs))):
+        for f in dataclasses.fields(cfg):
+            fields[f.name], owner[f.name] = getattr(cfg, f.name), index
+    changes: list[dict] = [{} for _ in configs]
+    i = 0
     while i < len(argv):
         name = argv[i].removeprefix("--").replace("-", "_")
         if not argv[i].startswith("--") or name not in fields:
             raise SystemExit(f"unknown option {argv[i]!r}; options: {' '.join('--' + f for f in fields)}")
         bare_flag = isinstance(fields[name], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
         try:
-            changes[name] = True if bare_flag else parse_value(argv[i + 1], fields[name])
+            changes[owner[name]][name] = True if bare_flag else parse_value(argv[i + 1], fields[name])
         except (ValueError, IndexError) as e:
             raise SystemExit(f"bad value for {argv[i]}: {e}") from None
         i += 1 if bare_flag else 2
-    return dataclasses.replace(cfg, **changes)
+    return [dataclasses.replace(cfg, **change) for cfg, change in zip(configs, changes)]

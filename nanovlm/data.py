@@ -4,6 +4,7 @@ A data file is LLaVA JSON: a list of {"id", "image" (a path relative to the imag
 "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}. Every record is checked when the dataset is
 built, so a bad one stops the run before training starts, with its file and index; with `skip_bad=True` it is
 dropped instead and counted. An image that exists but cannot be decoded is caught when it is loaded.
+With `sq_ratio` > 0 the conversations get SQ-LLaVA's visual-user turns as they load (nanovlm/selfq.py).
 """
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .image import ImageProcessor, load_image
+from .selfq import to_self_questioning, turn_rng
 from .templates import IGNORE_INDEX, Template, tokenize_conversation, validate_conversation
 from .tokenizer import IMAGE_PLACEHOLDER, Tokenizer
 
@@ -62,9 +64,10 @@ def check_record(record, image_folder: Path) -> None:
 class LLaVADataset(torch.utils.data.Dataset):
     def __init__(self, sources: list[DataSource], tokenizer: Tokenizer, template: Template,
                  processor: ImageProcessor, num_image_tokens: int, max_length: int, seed: int = 0,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, sq_ratio: float = 0.0):
         self.tokenizer, self.template, self.processor = tokenizer, template, processor
         self.num_image_tokens, self.max_length, self.skip_bad = num_image_tokens, max_length, skip_bad
+        self.seed, self.sq_ratio, self.epoch = seed, sq_ratio, 0
         self.records: list[tuple[dict, Path, str]] = []  # record, image folder, where it came from
         self.skipped: dict[str, int] = {}
         for source in sources:
@@ -92,6 +95,10 @@ class LLaVADataset(torch.utils.data.Dataset):
         whole, fraction = divmod(source.weight, 1)
         return kept * int(whole) + rng.sample(kept, round(fraction * len(kept)))
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the training loop before each epoch: per-epoch draws (visual-user turns) depend on it."""
+        self.epoch = epoch
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -109,8 +116,12 @@ class LLaVADataset(torch.utils.data.Dataset):
             if self.skip_bad:
                 return None  # counted by collate
             raise BadRecord(f"{where}: {e}") from None
-        ids, labels = tokenize_conversation(self.tokenizer, self.template, record["conversations"],
-                                            self.num_image_tokens)
+        conversation = to_self_questioning(record["conversations"], self.sq_ratio,
+                                           turn_rng(self.seed, index, self.epoch))
+        try:
+            ids, labels = tokenize_conversation(self.tokenizer, self.template, conversation, self.num_image_tokens)
+        except ValueError as e:  # a turn the template cannot render, e.g. a VUSER turn without v1_sq
+            raise BadRecord(f"{where}: {e}") from None
         return truncate(ids, labels, pixels, self.max_length, self.tokenizer.image_token_id, self.num_image_tokens)
 
 

@@ -1,7 +1,8 @@
 """Conversation templates: render LLaVA-style conversations to text and tokenise them with loss labels.
 
 A conversation is LLaVA JSON: [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...], alternating
-and starting with a human turn. Only the assistant answers carry loss.
+and starting with a human turn. The assistant answers carry loss; so do the questions of SQ-LLaVA's visual user
+(a "vuser" turn in place of a later human turn, `v1_sq` template only; see nanovlm/selfq.py).
 """
 
 from dataclasses import dataclass
@@ -20,17 +21,36 @@ class Template:
     stop_str: str  # generation stops when this appears
     assistant_tail: str = ""  # text after each answer that carries no loss (ChatML's newline)
     image_only_user: bool = False  # drop the human text and keep only the image (LLaVA stage-1 captioning)
+    vuser_prefix: str = ""  # opens a visual-user turn, no loss ("" : the template has no visual user)
+    vuser_question: str = ""  # format string around the visual user's question; it carries loss
+    vuser_suffix: str = ""  # after the question: opens the assistant turn, no loss
+
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
 TEMPLATES: dict[str, Template] = {
     "plain": Template(name="plain", system="", user="{}", assistant="{}\n", stop_str="\n", image_only_user=True),
     "vicuna_v1": Template(
         name="vicuna_v1",
-        system="A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions. ",
+        system=VICUNA_SYSTEM + " ",
         user="USER: {} ASSISTANT:",
         assistant=" {}</s>",
         stop_str="</s>",
+    ),
+    # SQ-LLaVA (Sun et al., 2024): vicuna_v1 plus a visual user, VUSER, whose questions the model learns to ask.
+    # The second paragraph of the system prompt is this project's wording of the official one's meaning.
+    "v1_sq": Template(
+        name="v1_sq",
+        system=VICUNA_SYSTEM + " The assistant is also a curious visual user: looking at the image, it asks "
+        "complex questions that the image itself answers, and never asks about details it cannot be sure of. ",
+        user="USER: {} ASSISTANT:",
+        assistant=" {}</s>",
+        stop_str="</s>",
+        vuser_prefix="VUSER:",
+        vuser_question=" {}</s>",
+        vuser_suffix=" ASSISTANT:",
     ),
     "chatml": Template(
         name="chatml",
@@ -53,18 +73,20 @@ def get_template(name: str) -> Template:
 
 
 def validate_conversation(conversation: list[dict], generation_prompt: bool = False) -> None:
-    """Raise ValueError saying what is wrong unless turns alternate human/gpt, starting with human."""
+    """Raise ValueError saying what is wrong unless turns alternate human/gpt, starting with human; a later
+    human turn may be a visual user's ("vuser")."""
     if not isinstance(conversation, list) or not conversation:
         raise ValueError("conversation must be a non-empty list of turns")
     for i, turn in enumerate(conversation):
-        expected = "human" if i % 2 == 0 else "gpt"
-        if not isinstance(turn, dict) or turn.get("from") != expected:
+        expected = ("human",) if i == 0 else ("human", "vuser") if i % 2 == 0 else ("gpt",)
+        if not isinstance(turn, dict) or turn.get("from") not in expected:
             got = turn.get("from") if isinstance(turn, dict) else turn
-            raise ValueError(f"turn {i}: expected a {expected!r} turn, got {got!r} (turns must alternate human/gpt)")
+            raise ValueError(f"turn {i}: expected a {' or '.join(map(repr, expected))} turn, got {got!r} "
+                             f"(turns must alternate human/gpt)")
         if not isinstance(turn.get("value"), str):
             raise ValueError(f"turn {i}: 'value' must be a string, got {type(turn.get('value')).__name__}")
     last = conversation[-1]["from"]
-    if generation_prompt and last != "human":
+    if generation_prompt and last == "gpt":
         raise ValueError("a generation prompt needs a conversation that ends with a human turn")
     if not generation_prompt and last != "gpt":
         raise ValueError("conversation ends with a human turn; training needs it to end with a gpt answer")
@@ -75,7 +97,8 @@ def render(
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation to text and the (start, end) character spans that carry loss.
 
-    With generation_prompt=True the conversation ends with a human turn and the text ends where the answer starts.
+    With generation_prompt=True the conversation ends with a human (or vuser) turn and the text ends where the
+    answer starts.
     """
     validate_conversation(conversation, generation_prompt)
     text = template.system
@@ -86,6 +109,13 @@ def render(
             if template.image_only_user:
                 question = IMAGE_PLACEHOLDER if IMAGE_PLACEHOLDER in question else ""
             text += template.user.format(question)
+        elif turn["from"] == "vuser":
+            if not template.vuser_prefix:
+                raise ValueError(f"template {template.name!r} has no visual user (VUSER) role; use v1_sq")
+            question = template.vuser_question.format(turn["value"])
+            text += template.vuser_prefix
+            spans.append((len(text), len(text) + len(question)))
+            text += question + template.vuser_suffix
         else:
             answer = template.assistant.format(turn["value"])
             spans.append((len(text), len(text) + len(answer)))

@@ -243,6 +243,7 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
         epoch, offset = divmod(step, steps_per_epoch)
         plan = step_batches(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, env.world_size, env.rank,
                             epoch, cfg.seed, lengths)[offset:offset + total - step]
+        dataset.set_epoch(epoch)  # before the loader's workers take their copy of the dataset
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=[mb for s in plan for mb in s],
                                              collate_fn=partial(collate, pad_id=pad_id), num_workers=cfg.num_workers)
         batches = iter(loader)

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from .checkpoint import load_renamed, read_config, rename, resolve, write_json, write_weights
 from .image import ImageProcessor
 from .llm import LLM, LLMConfig
+from .lora import is_lora_parameter, merged_state_dict
 from .projector import Projector
+from .prototypes import PrototypeExtractor
 from .tokenizer import Tokenizer
 from .vision import VisionConfig, VisionTower
 
@@ -41,6 +43,7 @@ LLAVA_RENAMES = [
     ("model.vision_tower.vision_model.", "vision_tower."),
     ("model.vision_tower.encoder.layers.", "vision_tower.layers."),
     ("model.vision_tower.", "vision_tower."),
+    ("prototype_extractor.", "prototype_extractor."),
 ]
 SAVE_RENAMES = [  # module prefix -> checkpoint prefix, the inverse of the first block above
     ("language_model.lm_head.", "language_model.lm_head."),
@@ -48,7 +51,15 @@ SAVE_RENAMES = [  # module prefix -> checkpoint prefix, the inverse of the first
     ("vision_tower.layers.", "vision_tower.vision_model.encoder.layers."),
     ("vision_tower.", "vision_tower.vision_model."),
     ("multi_modal_projector.", "multi_modal_projector."),
+    ("prototype_extractor.", "prototype_extractor."),
 ]
+# Module prefix -> the module names of transformers' LlavaForConditionalGeneration, which PEFT adapters use.
+PEFT_RENAMES = [
+    ("language_model.", "model.language_model."),
+    ("vision_tower.layers.", "model.vision_tower.encoder.layers."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+]
+PEFT_TO_MODULE = [(new, old) for old, new in PEFT_RENAMES]
 # transformers' LlavaConfig falls back on this vision config when a checkpoint's config omits it.
 LLAVA_DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                             image_size=336, patch_size=14)
@@ -63,6 +74,7 @@ class VLMConfig:
     image_token_id: int = 32000
     template: str = "vicuna_v1"
     pad_to_square: bool = True  # LLaVA-1.5's image_aspect_ratio="pad"
+    prototypes: int = 0  # SQ-LLaVA's prototype extractor with this many centres; 0: none
 
     @classmethod
     def from_hf(cls, hf: dict) -> "VLMConfig":
@@ -81,7 +93,7 @@ class VLMConfig:
         return cls(vision=vision, llm=LLMConfig.from_hf(hf.get("text_config") or {}),
                    image_token_id=hf.get("image_token_index", hf.get("image_token_id", 32000)),
                    projector=extra.get("projector", "mlp2x_gelu"), template=extra.get("template", "vicuna_v1"),
-                   pad_to_square=extra.get("pad_to_square", True))
+                   pad_to_square=extra.get("pad_to_square", True), prototypes=extra.get("prototypes", 0))
 
     def to_hf(self) -> dict:
         strategy = {v: k for k, v in SELECT_STRATEGIES.items()}[self.vision.select_feature]
@@ -92,7 +104,8 @@ class VLMConfig:
             "vision_feature_layer": self.vision.select_layer, "vision_feature_select_strategy": strategy,
             "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
             "tie_word_embeddings": self.llm.tie_word_embeddings,
-            "nanovlm": {"projector": self.projector, "template": self.template, "pad_to_square": self.pad_to_square},
+            "nanovlm": {"projector": self.projector, "template": self.template, "pad_to_square": self.pad_to_square,
+                        "prototypes": self.prototypes},
         }
 
 
@@ -101,18 +114,39 @@ class VLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = VisionTower(cfg.vision)
+        # Only SQ-LLaVA models have it; transformers' Llava has no such module and ignores its weights.
+        self.prototype_extractor = PrototypeExtractor(cfg.vision.hidden_size, cfg.prototypes) if cfg.prototypes \
+            else None
         self.multi_modal_projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.llm.hidden_size)
         self.language_model = LLM(cfg.llm)
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """The named parameters of each part, the unit a recipe trains or freezes."""
-        return {"vision": list(self.vision_tower.named_parameters(prefix="vision_tower")),
-                "projector": list(self.multi_modal_projector.named_parameters(prefix="multi_modal_projector")),
-                "llm": list(self.language_model.named_parameters(prefix="language_model"))}
+        """The named parameters of each part, the unit a recipe trains or freezes: vision, projector, llm,
+        prototypes (if any) and the LoRA adapters of a part as their own group (vision_lora, llm_lora)."""
+        parts = {"vision": "vision_tower", "projector": "multi_modal_projector", "llm": "language_model",
+                 "prototypes": "prototype_extractor"}
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        for group, attribute in parts.items():
+            if getattr(self, attribute) is None:
+                continue
+            groups[group] = []
+            for name, p in getattr(self, attribute).named_parameters(prefix=attribute):
+                groups.setdefault(group + "_lora" if is_lora_parameter(name) else group, []).append((name, p))
+        return groups
+
+    def add_prototype_extractor(self, num_prototypes: int) -> None:
+        """Put a new SQ-LLaVA prototype extractor between the vision tower and the projector."""
+        self.cfg.prototypes = num_prototypes
+        weight = self.multi_modal_projector.linear_1.weight
+        self.prototype_extractor = PrototypeExtractor(self.cfg.vision.hidden_size, num_prototypes).to(
+            device=weight.device, dtype=weight.dtype)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, tokens, llm hidden) image embeddings."""
-        return self.multi_modal_projector(self.vision_tower(pixel_values))
+        features = self.vision_tower(pixel_values)
+        if self.prototype_extractor is not None:
+            features = self.prototype_extractor(features)
+        return self.multi_modal_projector(features)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         is_image = input_ids == self.cfg.image_token_id
@@ -176,10 +210,10 @@ class VLM(nn.Module):
 
     def save_pretrained(self, path: str | Path, tokenizer: Tokenizer | None = None,
                         image_processor: ImageProcessor | None = None) -> None:
-        """Write the llava-hf layout; every file is written atomically."""
+        """Write the llava-hf layout, LoRA adapters merged into the weights; every file is written atomically."""
         path = Path(path)
         tied = self.cfg.llm.tie_word_embeddings
-        state = {rename(k, SAVE_RENAMES): v for k, v in self.state_dict().items()
+        state = {rename(k, SAVE_RENAMES): v for k, v in merged_state_dict(self).items()
                  if not (tied and k == "language_model.lm_head.weight")}
         write_weights(path / "model.safetensors", state)
         write_json(path / "config.json", self.cfg.to_hf())

@@ -115,3 +115,25 @@ def chatml_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("chatml_tokenizer")
     wrapped.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small shapes world: 160 training images, 20 for evaluation."""
+    from data.shapes import ShapesConfig, generate
+
+    out = tmp_path_factory.mktemp("world")
+    generate(out, ShapesConfig(num_train=160, num_unlabeled=0, num_eval=20))
+    return out
+
+
+@pytest.fixture(scope="session")
+def init(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model, saved as the stage-1 checkpoint that train_sft.py and train_selfq.py continue."""
+    from nanovlm.presets import tiny_model
+    from train_align import shapes_corpus
+
+    model, tokenizer, processor = tiny_model(shapes_corpus(world, "vicuna_v1"))
+    out = tmp_path_factory.mktemp("init")
+    model.save_pretrained(out, tokenizer, processor)
+    return out

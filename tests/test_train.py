@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.shapes import ShapesConfig, generate
 from nanovlm.data import DataSource, LLaVADataset
 from nanovlm.presets import tiny_model
 from nanovlm.templates import get_template
@@ -23,24 +22,9 @@ from train_align import shapes_corpus
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    generate(out, ShapesConfig(num_train=160, num_unlabeled=0, num_eval=20))
-    return out
-
-
-@pytest.fixture(scope="module")
-def init(world, tmp_path_factory):
-    """A tiny model, saved as the stage-1 checkpoint that train_sft.py continues."""
-    model, tokenizer, processor = tiny_model(shapes_corpus(world, "vicuna_v1"))
-    out = tmp_path_factory.mktemp("init")
-    model.save_pretrained(out, tokenizer, processor)
-    return out
-
-
-def sft(init, world, out, *args, processes=1, timeout=300, wait=True):
-    script = [str(ROOT / "train_sft.py"), "--init", str(init), "--data", str(world / "instruct.json"),
+def launch(init, world, out, *args, processes=1, timeout=300, wait=True, script="train_sft.py"):
+    """Run a training script on the small world from `init`, as one process or under torchrun; its metrics."""
+    script = [str(ROOT / script), "--init", str(init), "--data", str(world / "instruct.json"),
               "--out_dir", str(out), "--global_batch_size", "16", *args]
     if processes > 1:
         with socket.socket() as s:
@@ -74,7 +58,8 @@ def test_loss_goes_down(world, tmp_path):
 
 def test_frozen_parts_do_not_change(world, init, tmp_path):
     model = VLM.from_pretrained(str(init))
-    history = sft(init, world, tmp_path / "run", "--max_steps", "2", "--micro_batch_size", "8", "--lr", "projector=1e-3")
+    history = launch(init, world, tmp_path / "run", "--max_steps", "2", "--micro_batch_size", "8",
+                     "--lr", "projector=1e-3")
     trained = VLM.from_pretrained(str(tmp_path / "run"))
     assert len(history) == 2
     for part, params in trained.parameter_groups().items():
@@ -99,8 +84,8 @@ def test_non_finite_loss_stops_the_run(world, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_follow_the_single_process_loss_curve(world, init, tmp_path):
-    single = sft(init, world, tmp_path / "one", "--max_steps", "4", "--micro_batch_size", "8")
-    double = sft(init, world, tmp_path / "two", "--max_steps", "4", "--micro_batch_size", "4", processes=2)
+    single = launch(init, world, tmp_path / "one", "--max_steps", "4", "--micro_batch_size", "8")
+    double = launch(init, world, tmp_path / "two", "--max_steps", "4", "--micro_batch_size", "4", processes=2)
     assert [round(r["targets"]) for r in single] == [round(r["targets"]) for r in double]
     for a, b in zip(single, double):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
@@ -113,14 +98,14 @@ def test_two_processes_follow_the_single_process_loss_curve(world, init, tmp_pat
 @pytest.mark.slow
 def test_killed_run_resumes_on_the_same_loss_curve(world, init, tmp_path):
     args = ["--max_steps", "12", "--save_every", "3", "--micro_batch_size", "8"]
-    uninterrupted = sft(init, world, tmp_path / "whole", *args)
-    victim = sft(init, world, tmp_path / "cut", *args, wait=False)
+    uninterrupted = launch(init, world, tmp_path / "whole", *args)
+    victim = launch(init, world, tmp_path / "cut", *args, wait=False)
     deadline = time.time() + 240
     while not (tmp_path / "cut" / "checkpoint-6").is_dir() and victim.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed = sft(init, world, tmp_path / "cut", *args, "--resume")
+    resumed = launch(init, world, tmp_path / "cut", *args, "--resume")
     assert [r["step"] for r in resumed] == list(range(1, 13))
     for a, b in zip(uninterrupted, resumed):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a, b)

@@ -1,0 +1,131 @@
+"""LoRA: PEFT's conventions, merging, disabling, and adapters that PEFT itself loads onto transformers' Llava."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import hub_models
+from nanovlm.lora import LoRALinear, add_lora, adapters_disabled, load_adapter, lora_layers, merge, save_adapter, \
+    unmerge
+from nanovlm.vlm import PEFT_RENAMES, PEFT_TO_MODULE, VLM
+from test_model import llava_batch
+
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VIT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return hub_models.llava(tmp_path_factory.mktemp("llava"))
+
+
+def adapted(path, seed: int = 0) -> VLM:
+    """The llava checkpoint with LoRA on both towers (different ranks) and non-zero B, as after training."""
+    model = VLM.from_pretrained(str(path)).eval()
+    torch.manual_seed(seed)
+    add_lora(model.language_model, LLM_TARGETS, r=8, alpha=16, dropout=0.05)
+    add_lora(model.vision_tower, VIT_TARGETS, r=4, alpha=12, dropout=0.2)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(std=0.05)
+    return model
+
+
+def test_lora_follows_peft_initialisation(llava_dir):
+    model = VLM.from_pretrained(str(llava_dir)).eval()
+    ids, pixels = llava_batch()
+    with torch.no_grad():
+        before = model(ids, pixels)
+    names = add_lora(model.language_model, LLM_TARGETS, r=8, alpha=16, dropout=0.05)
+    assert len(names) == 7 * hub_models.TEXT["num_hidden_layers"] and "lm_head" not in " ".join(names)
+    layer = model.language_model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and layer.scaling == 2.0
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    bound = 1 / layer.in_features ** 0.5  # kaiming_uniform(a=sqrt 5), nn.Linear's and PEFT's
+    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.abs().max() > 0.9 * bound
+    with torch.no_grad():
+        assert torch.equal(model(ids, pixels), before)  # B = 0: the adapted model starts as the base model
+    assert "language_model.layers.0.self_attn.q_proj.weight" in model.state_dict()  # base names kept
+
+
+def test_merged_model_gives_the_adapter_models_logits(llava_dir):
+    model = adapted(llava_dir)
+    base = VLM.from_pretrained(str(llava_dir)).eval()
+    ids, pixels = llava_batch()
+    with torch.no_grad():
+        unmerged = model(ids, pixels)
+        with adapters_disabled(model):
+            assert torch.equal(model(ids, pixels), base(ids, pixels))
+        assert not torch.allclose(unmerged, base(ids, pixels), atol=1e-3)  # the adapters act
+        merge(model)
+        assert (model(ids, pixels) - unmerged).abs().max() <= 1e-5
+        with pytest.raises(RuntimeError, match="unmerge"):
+            with adapters_disabled(model):
+                pass
+        unmerge(model)
+    base_state = base.state_dict()
+    for name, p in model.state_dict().items():
+        if "lora_" not in name:
+            assert torch.allclose(p, base_state[name], atol=1e-6), name
+
+
+def test_dropout_acts_on_the_input_of_a_in_training_only():
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(16, 16), r=4, alpha=8, dropout=0.5)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(8, 16)
+    base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert torch.allclose(layer.eval()(x), base + x @ layer.delta().T, atol=1e-5)
+    assert not torch.allclose(layer.train()(x), layer.eval()(x))
+    torch.nn.init.zeros_(layer.lora_B.weight)
+    assert torch.equal(layer.train()(x), base)  # the base path never sees the dropout
+
+
+def test_peft_loads_the_saved_adapter_onto_transformers(llava_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = adapted(llava_dir)
+    save_adapter(model, tmp_path / "adapter", PEFT_RENAMES, str(llava_dir))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    for name in config["target_modules"]:  # two ranks and alphas in one PEFT config, through its patterns
+        r = config["rank_pattern"].get(name, config["r"])
+        alpha = config["alpha_pattern"].get(name, config["lora_alpha"])
+        assert (r, alpha) == ((4, 12) if ".vision_tower." in name else (8, 16)), name
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    ref = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()
+    ids, pixels = llava_batch()
+    with torch.no_grad():
+        ours = model(ids, pixels)
+        theirs = ref(input_ids=ids, pixel_values=pixels).logits
+        assert (ours - theirs).abs().max() <= 1e-4
+        with ref.disable_adapter():  # and PEFT sees the same base model
+            assert (ref(input_ids=ids, pixel_values=pixels).logits
+                    - VLM.from_pretrained(str(llava_dir)).eval()(ids, pixels)).abs().max() <= 1e-4
+
+    fresh = VLM.from_pretrained(str(llava_dir)).eval()
+    added = load_adapter(fresh, tmp_path / "adapter", PEFT_TO_MODULE)
+    assert sorted(added) == sorted(lora_layers(model))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids, pixels), ours)
+
+
+def test_saved_model_has_the_adapters_merged(llava_dir, tmp_path):
+    model = adapted(llava_dir)
+    model.save_pretrained(tmp_path)
+    ids, pixels = llava_batch()
+    with torch.no_grad():
+        assert (VLM.from_pretrained(str(tmp_path)).eval()(ids, pixels) - model(ids, pixels)).abs().max() <= 1e-5
+        ref = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+        assert (ref(input_ids=ids, pixel_values=pixels).logits - model(ids, pixels)).abs().max() <= 1e-4
+
+
+def test_bad_adapters_are_named(llava_dir, tmp_path):
+    model = adapted(llava_dir)
+    save_adapter(model, tmp_path, PEFT_RENAMES, None)
+    with pytest.raises(ValueError, match="no Linear layer"):
+        add_lora(model.language_model, ("nonexistent",), 4, 8, 0.0)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"r": 3, "rank_pattern": {}}))
+    with pytest.raises(ValueError, match="has shape"):
+        load_adapter(VLM.from_pretrained(str(llava_dir)), tmp_path, PEFT_TO_MODULE)
