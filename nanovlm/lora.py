@@ -125,12 +125,19 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def checked_rename(name: str, renames: list[tuple[str, str]]) -> str:
+    renamed = rename(name, renames)
+    if renamed is None:
+        raise ValueError(f"no rule maps the module {name!r}; rules: {[old for old, _ in renames]}")
+    return renamed
+
+
 def save_adapter(model: nn.Module, path: str | Path, module_renames: list[tuple[str, str]],
                  base_model: str | None) -> None:
     """Write the adapters in PEFT's layout. `module_renames` maps this model's module names to those of the
     transformers model PEFT will wrap; layers whose r or alpha differ from the first layer's go into PEFT's
     `rank_pattern` / `alpha_pattern`."""
-    layers = {rename(name, module_renames): layer for name, layer in lora_layers(model).items()}
+    layers = {checked_rename(name, module_renames): layer for name, layer in lora_layers(model).items()}
     if not layers:
         raise ValueError("the model has no LoRA adapters to save")
     path = Path(path)
@@ -165,7 +172,7 @@ def load_adapter(model: nn.Module, path: str | Path, module_renames: list[tuple[
     for peft_name in config["target_modules"]:
         r = config["rank_pattern"].get(peft_name, config["r"])
         alpha = config["alpha_pattern"].get(peft_name, config["lora_alpha"])
-        name = rename(peft_name, module_renames)
+        name = checked_rename(peft_name, module_renames)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = LoRALinear(getattr(parent, child), r, alpha, config["lora_dropout"])

@@ -123,6 +123,8 @@ def test_saved_model_has_the_adapters_merged(llava_dir, tmp_path):
 def test_bad_adapters_are_named(llava_dir, tmp_path):
     model = adapted(llava_dir)
     save_adapter(model, tmp_path, PEFT_RENAMES, None)
+    with pytest.raises(ValueError, match="no rule maps the module"):
+        save_adapter(model, tmp_path / "unmapped", PEFT_RENAMES[:1], None)  # the ViT's names have no rule
     with pytest.raises(ValueError, match="no Linear layer"):
         add_lora(model.language_model, ("nonexistent",), 4, 8, 0.0)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
