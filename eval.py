@@ -22,18 +22,16 @@ from nanovlm import benchmarks
 from nanovlm.checkpoint import write_json
 from nanovlm.generate import Sampling, answer
 from nanovlm.image import load_image
+from nanovlm.recipe import SHAPES_DIR
 from nanovlm.selfq import ask_questions
 from nanovlm.templates import get_template
 from nanovlm.vlm import load_pretrained
-
-SHAPES_WORLD = Path("out/shapes")
-
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="nanovlm checkpoint directory, llava-hf repo id or local llava-hf directory")
     parser.add_argument("--task", choices=benchmarks.TASKS, default="shapes")
-    parser.add_argument("--data", help=f"benchmark file (shapes: default {SHAPES_WORLD / 'eval.json'})")
+    parser.add_argument("--data", help=f"benchmark file (shapes: default {SHAPES_DIR / 'eval.json'})")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N records")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict | str | list[str]:
         return reply
 
     if args.task == "shapes":
-        world = Path(args.data).parent if args.data else SHAPES_WORLD
+        world = Path(args.data).parent if args.data else SHAPES_DIR
         scores, predictions = shapes_eval.evaluate(model, tokenizer, processor, world, args.batch_size, args.limit)
         table = shapes_eval.format_table(scores)
     else:

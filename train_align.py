@@ -15,11 +15,10 @@ from pathlib import Path
 from data import shapes
 from nanovlm.data import DataSource
 from nanovlm.presets import PRESETS, pretrained_model, tiny_model
-from nanovlm.recipe import dataset, fit, model_dtype, parse
+from nanovlm.recipe import SHAPES_DIR, dataset, fit, model_dtype, parse
 from nanovlm.templates import get_template, render
 from nanovlm.train import TrainConfig
 
-SHAPES_DIR = Path("out/shapes")
 RECIPES = {
     "llava15-7b": TrainConfig(out_dir="out/llava15-7b/align", global_batch_size=256, micro_batch_size=32,
                               lr={"projector": 1e-3}, max_length=2048, num_workers=4),

@@ -54,8 +54,8 @@ RECIPES = {
     "small": TrainConfig(out_dir="out/small/selfq", global_batch_size=128, micro_batch_size=16,
                          lr=SQ_LRS, max_length=2048, num_workers=4),
     # The tiny preset's schedule (train_sft.py); its adapters learn faster than its full weights, as LoRA recipes
-    # do (LLaVA's: 10x): at 5e-4 the model still answered with captions after 150 steps (0%), at 2e-3 it
-    # reached 46% after 200.
+    # do (LLaVA's: 10x): at 5e-4 the model still answered with captions after 150 steps (0-0.2%), at 2e-3
+    # it reached 46% after 200.
     "tiny": TrainConfig(out_dir="out/tiny/selfq", global_batch_size=32, micro_batch_size=32, epochs=2,
                         lr={"llm_lora": 2e-3, "vision_lora": 2e-3, "projector": 5e-4, "prototypes": 5e-4},
                         max_length=512),
@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     add_lora(model.language_model, LLM_TARGETS, *sq.llm_lora)
     lr = dict(run.cfg.lr)
     if sq.no_vit_lora:
-        lr.pop("vision_lora")
+        lr.pop("vision_lora", None)
     else:
         add_lora(model.vision_tower, VIT_TARGETS, *sq.vit_lora)
     if sq.no_prototypes:
-        lr.pop("prototypes")
+        lr.pop("prototypes", None)
     else:
         model.add_prototype_extractor(sq.num_prototypes)
     run.cfg.lr = lr

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from .checkpoint import rename, write_json, write_weights
+from .checkpoint import brief, rename, write_json, write_weights
 
 
 class LoRALinear(nn.Linear):
@@ -75,10 +75,17 @@ def add_lora(model: nn.Module, targets: tuple[str, ...], r: int, alpha: float, d
     if not names:
         raise ValueError(f"no Linear layer of {type(model).__name__} matches the LoRA targets {targets}")
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+        adapt(model, name, r, alpha, dropout)
     return names
+
+
+def adapt(model: nn.Module, name: str, r: int, alpha: float, dropout: float) -> LoRALinear:
+    """Replace the Linear layer `name` of `model` by a LoRALinear around it."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    layer = LoRALinear(getattr(parent, child), r, alpha, dropout)
+    setattr(parent, child, layer)
+    return layer
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -170,12 +177,10 @@ def load_adapter(model: nn.Module, path: str | Path, module_renames: list[tuple[
     weights = load_file(path / "adapter_model.safetensors")
     added = []
     for peft_name in config["target_modules"]:
-        r = config["rank_pattern"].get(peft_name, config["r"])
-        alpha = config["alpha_pattern"].get(peft_name, config["lora_alpha"])
+        r = config.get("rank_pattern", {}).get(peft_name, config["r"])
+        alpha = config.get("alpha_pattern", {}).get(peft_name, config["lora_alpha"])
         name = checked_rename(peft_name, module_renames)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = LoRALinear(getattr(parent, child), r, alpha, config["lora_dropout"])
+        layer = adapt(model, name, r, alpha, config["lora_dropout"])
         for part in ("lora_A", "lora_B"):
             key = f"base_model.model.{peft_name}.{part}.weight"
             if key not in weights:
@@ -185,9 +190,8 @@ def load_adapter(model: nn.Module, path: str | Path, module_renames: list[tuple[
                                  f"{tuple(getattr(layer, part).weight.shape)}")
             with torch.no_grad():
                 getattr(layer, part).weight.copy_(weights[key])
-        setattr(parent, child, layer)
         added.append(name)
     unused = set(weights) - {f"base_model.model.{n}.lora_{p}.weight" for n in config["target_modules"] for p in "AB"}
     if unused:
-        raise ValueError(f"{path}: weights for modules not in target_modules: {sorted(unused)[:8]}")
+        raise ValueError(f"{path}: weights for modules not in target_modules: {brief(sorted(unused))}")
     return added

@@ -106,6 +106,18 @@ def test_dataset_puts_loss_on_vuser_questions(tmp_path, llama_tokenizer_dir):
     assert {labelled_text(0.5, epoch) for epoch in range(8)} != {labelled_text(0.5, 0)}
 
 
+def test_vuser_turn_without_v1_sq_names_the_record(tmp_path, llama_tokenizer_dir):
+    from nanovlm.data import BadRecord
+
+    (tmp_path / "data.json").write_text(json.dumps([{"id": "0", "conversations": [
+        {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hi."},
+        {"from": "vuser", "value": "Why?"}, {"from": "gpt", "value": "Because."}]}]))
+    data = LLaVADataset([DataSource(tmp_path / "data.json")], Tokenizer.from_dir(llama_tokenizer_dir),
+                        get_template("vicuna_v1"), ImageProcessor(size=28, crop_size=28), 4, 512)
+    with pytest.raises(BadRecord, match=r"data.json record 0: .*no visual user"):
+        data[0]
+
+
 def reference_prototypes(m: PrototypeExtractor, x: torch.Tensor) -> torch.Tensor:
     """The equations of nanovlm/prototypes.py written out one image, centre and token at a time."""
     out = []
