@@ -24,8 +24,9 @@ RECIPES = {
                               lr={"projector": 2e-5, "llm": 2e-5}, max_length=2048, num_workers=4),
     "small": TrainConfig(out_dir="out/small/sft", global_batch_size=128, micro_batch_size=16,
                          lr={"projector": 2e-5, "llm": 2e-5}, max_length=2048, num_workers=4),
-    # The tiny tower was never pretrained, so it keeps training here too.
-    "tiny": TrainConfig(out_dir="out/tiny/sft", global_batch_size=32, micro_batch_size=32, epochs=2,
+    # The tiny tower was never pretrained, so it keeps training here too. Three epochs: after two, counting and
+    # existence were still climbing (89.0% in distribution against 90.2%, README).
+    "tiny": TrainConfig(out_dir="out/tiny/sft", global_batch_size=32, micro_batch_size=32, epochs=3,
                         lr={"vision": 5e-4, "projector": 5e-4, "llm": 5e-4}, max_length=512),
 }
 

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from data.shapes import COLOURS, GRID, PLURALS, ShapesConfig, generate
@@ -233,3 +234,22 @@ def test_two_thousand_images_in_under_ten_seconds(tmp_path: Path):
     generate(tmp_path, ShapesConfig(num_train=1600, num_unlabeled=200, num_eval=200))
     assert time.perf_counter() - start < 10
     assert len(list((tmp_path / "images").glob("*.png"))) == 2000
+
+
+def test_probe_finds_a_linear_code_and_not_noise():
+    from data.shapes_probe import probe_accuracy
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (400,))
+    coded = torch.nn.functional.one_hot(labels, 4).float() @ torch.randn(4, 32) + 0.3 * torch.randn(400, 32)
+    assert probe_accuracy(coded, labels) > 0.95
+    assert probe_accuracy(torch.randn(400, 32), labels) < 0.45
+
+
+def test_probe_reads_every_stage_of_a_tiny_model(init: Path, world: Path):
+    from data.shapes_probe import probe
+
+    results = probe(str(init), world, images=160)
+    assert list(results) == ["vision tower", "projector"] + [f"llm layer {i}" for i in range(1, 5)]
+    # The untrained tower's sine-cosine positions reach its output: columns are far above chance (25%).
+    assert results["vision tower"]["column"] > 0.6 and results["vision tower"]["row"] > 0.6
