@@ -83,14 +83,11 @@ def probe(model_dir: str, world_dir: Path, images: int = 2000) -> dict[str, dict
     paths = [p for p in objects if Path(p).name.startswith("train_")][:images]
     cell = json.loads((world_dir / "world.json").read_text())["config"]["image_size"] // GRID
     features = stage_features(model, tokenizer, processor, [world_dir / p for p in paths])
-    image_index, token, column, row = [], [], [], []
-    for i, path in enumerate(paths):
-        for o in objects[path]:
-            c, r = o["x"] // cell, o["y"] // cell
-            image_index.append(i), token.append(r * GRID + c), column.append(c), row.append(r)
-    at_objects = {name: f[torch.tensor(image_index), torch.tensor(token)] for name, f in features.items()}
-    return {name: {"column": probe_accuracy(f, torch.tensor(column)), "row": probe_accuracy(f, torch.tensor(row))}
-            for name, f in at_objects.items()}
+    # (image, column, row) of every object; its image token is row * GRID + column (row-major patches)
+    cells = torch.tensor([(i, o["x"] // cell, o["y"] // cell) for i, path in enumerate(paths) for o in objects[path]])
+    image_index, column, row = cells.T
+    at_objects = {name: f[image_index, row * GRID + column] for name, f in features.items()}
+    return {name: {"column": probe_accuracy(f, column), "row": probe_accuracy(f, row)} for name, f in at_objects.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
