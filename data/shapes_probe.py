@@ -53,20 +53,20 @@ def stage_features(model, tokenizer, processor, image_paths: list[Path]) -> dict
     ids, _ = tokenize_conversation(tokenizer, template, conversation, num_tokens, generation_prompt=True)
     first = ids.index(model.cfg.image_token_id)
     image_slice = slice(first, first + num_tokens)
-    layers = {}
-    hooks = [block.register_forward_hook(lambda _m, _a, out, i=i: layers.__setitem__(f"llm layer {i + 1}", out))
-             for i, block in enumerate(model.language_model.layers)]
-    stages: dict[str, list[torch.Tensor]] = {}
+    # One forward pass through the real path (embed, then the LLM); hooks keep each stage's output.
+    image_stages = {"vision tower": model.vision_tower, "projector": model.multi_modal_projector}
+    llm_stages = {f"llm layer {i + 1}": block for i, block in enumerate(model.language_model.layers)}
+    stage_modules = image_stages | llm_stages
+    outputs = {}
+    hooks = [module.register_forward_hook(lambda _m, _a, out, name=name: outputs.__setitem__(name, out))
+             for name, module in stage_modules.items()]
+    stages: dict[str, list[torch.Tensor]] = {name: [] for name in stage_modules}
     try:
         for start in range(0, len(image_paths), 64):
             pixels = torch.stack([processor(load_image(p)) for p in image_paths[start:start + 64]])
-            tower = model.vision_tower(pixels)
-            projected = model.encode_images(pixels)
-            input_ids = torch.tensor([ids] * len(pixels))
-            model.language_model(model.embed(input_ids, pixels))
-            batch = {"vision tower": tower, "projector": projected} | {k: v[:, image_slice] for k, v in layers.items()}
-            for name, value in batch.items():
-                stages.setdefault(name, []).append(value.float())
+            model.language_model(model.embed(torch.tensor([ids] * len(pixels)), pixels))
+            for name, value in outputs.items():
+                stages[name].append((value[:, image_slice] if name in llm_stages else value).float())
     finally:
         for hook in hooks:
             hook.remove()
