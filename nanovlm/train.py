@@ -9,193 +9,55 @@ this file does the rest:
 - bf16 autocast on GPU; AdamW with one parameter group per part; linear warmup then cosine decay; gradient
   clipping; a non-finite loss stops the run;
 - checkpoints (trainable weights, optimizer, step, every rank's RNG state, config) written atomically every
-  `save_every` steps; `resume` continues from the newest one exactly;
+  `save_every` steps; `resume` continues from the newest one exactly (nanovlm/train_state.py);
 - a tqdm bar on rank 0 and metrics in `metrics.jsonl` next to the checkpoints.
 Sharding (FSDP) would replace `wrap` and the checkpoint state functions; nothing else.
 """
 
+from __future__ import annotations  # train() comes first and names classes defined below it
+
 import json
 import math
 import os
-import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, write_json, write_weights
+from .checkpoint import write_json
 from .data import collate, step_batches
+from .train_state import checkpoints, load_checkpoint, restart_log, save_checkpoint
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "out/run"
-    global_batch_size: int = 128
+    out_dir: str = "out/run"  # checkpoints, metrics.jsonl and the finished model
+    global_batch_size: int = 128  # records per optimizer step, whatever the number of processes
     micro_batch_size: int = 16  # per process; accumulation = global / (world * micro)
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the data
     max_steps: int = 0  # > 0 overrides epochs
     lr: dict[str, float] = field(default_factory=dict)  # parameter group -> learning rate; absent groups freeze
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    max_length: int = 2048
+    weight_decay: float = 0.0  # AdamW's, on matrices only (never on norms and biases)
+    warmup_ratio: float = 0.03  # share of the steps with a linear warmup, before the cosine decay
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # maximum norm of all trained parameters' gradient
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
+    max_length: int = 2048  # tokens per sequence; longer ones are cut, never through an image
     skip_bad_records: bool = False  # drop (and count) bad records instead of stopping with their file and index
-    group_by_length: bool = False
-    gradient_checkpointing: bool = False
-    save_every: int = 0  # steps; 0 saves only at the end
-    keep_checkpoints: int = 2
-    resume: bool = False
-    seed: int = 0
-    num_workers: int = 0
-    log_every: int = 1
-
-
-class Distributed:
-    """Rank, world size and device; torchrun's environment variables start the process group."""
-
-    def __init__(self):
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, value: float) -> float:
-        if self.world_size == 1:
-            return value
-        t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item()
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class Objective(nn.Module):
-    """What a recipe minimises. forward(batch) -> the loss summed over the batch's targets; count(batch) -> how
-    many targets it has (known before the forward pass, for normalising a whole step)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def count(self, batch: dict) -> int:
-        return int((batch["labels"][:, 1:] != -100).sum())
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.model.loss(batch["input_ids"], batch["labels"], batch["pixel_values"], reduction="sum")
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def wrap(objective: Objective, env: Distributed) -> nn.Module:
-    # Some micro-batches use no image (text-only samples), leaving the projector and vision tower unused.
-    return nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True) if env.world_size > 1 \
-        else objective
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [keys.tolist(), pos, has_gauss, gauss], "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoints(out_dir: Path) -> list[Path]:
-    return sorted(out_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, nn.Parameter], optimizer, cfg: TrainConfig,
-                    env: Distributed, keep: int) -> None:
-    """checkpoint-STEP/ holds the trainable weights (frozen ones never change), the optimizer, the step, the
-    config and one RNG file per rank. It is assembled under a temporary name and renamed when complete."""
-    final, tmp = out_dir / f"checkpoint-{step}", out_dir / f".checkpoint-{step}.tmp"
-    if env.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    env.barrier()
-    atomic_write(tmp / f"rng_rank{env.rank}.pt", lambda f: torch.save(rng_state(), f))
-    if env.main:
-        write_weights(tmp / "trainable.safetensors", {k: p.data for k, p in trainable.items()})
-        atomic_write(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
-        write_json(tmp / "trainer_state.json", {"step": step, "world_size": env.world_size, "config": asdict(cfg)})
-    env.barrier()
-    if env.main:
-        os.replace(tmp, final)
-        for old in checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old)
-    env.barrier()
-
-
-def load_checkpoint(path: Path, trainable: dict[str, nn.Parameter], optimizer, env: Distributed) -> int:
-    state = json.loads((path / "trainer_state.json").read_text())
-    if state["world_size"] != env.world_size:
-        raise ValueError(f"{path} was written by {state['world_size']} processes; resume with as many")
-    weights = load_file(path / "trainable.safetensors")
-    if set(weights) != set(trainable):
-        raise ValueError(f"{path}: its trainable weights differ from this recipe's: "
-                         f"{sorted(set(weights) ^ set(trainable))[:8]}")
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(weights[name])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=env.device, weights_only=True))
-    set_rng_state(torch.load(path / f"rng_rank{env.rank}.pt", weights_only=True))
-    return state["step"]
-
-
-def make_optimizer(cfg: TrainConfig, groups: dict[str, list[tuple[str, nn.Parameter]]]) -> torch.optim.AdamW:
-    """AdamW with one parameter group per trained part, split into matrices (decayed) and norms and biases
-    (never decayed)."""
-    param_groups = []
-    for name, lr in cfg.lr.items():
-        for decayed in (True, False):
-            params = [p for _, p in groups[name] if (p.ndim >= 2 and cfg.weight_decay > 0) == decayed]
-            if params:
-                param_groups.append({"params": params, "lr": lr, "name": name + "/decay" * decayed,
-                                     "weight_decay": cfg.weight_decay if decayed else 0.0})
-    return torch.optim.AdamW(param_groups, betas=cfg.betas)
+    group_by_length: bool = False  # micro-batches of similar lengths, so they pad less
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
+    save_every: int = 0  # steps between checkpoints; 0: no checkpoint, only the finished model
+    keep_checkpoints: int = 2  # the newest checkpoints kept
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    seed: int = 0  # data order and draws, and the initialisation of new weights (tiny preset, adapters)
+    num_workers: int = 0  # data loader processes
+    log_every: int = 1  # steps between lines of metrics.jsonl
 
 
 def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[str, nn.Parameter]]],
@@ -227,14 +89,11 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
     if cfg.resume and checkpoints(out_dir):
         step = load_checkpoint(checkpoints(out_dir)[-1], trainable, optimizer, env)
     model = wrap(objective.to(env.device), env)
+    log_file = out_dir / "metrics.jsonl"
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "train_config.json", asdict(cfg))
-    log_file = out_dir / "metrics.jsonl"
-    if env.main:  # a fresh run starts a fresh log; a resumed one drops what was logged after its checkpoint
-        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= step] \
-            if log_file.exists() and step else []
-        log_file.write_text("".join(line + "\n" for line in kept))
+        restart_log(log_file, step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=env.device.type == "cuda")
     history, skipped, start_time = [], 0, time.time()
     bar = tqdm(total=total, initial=step, disable=not env.main, desc=out_dir.name, dynamic_ncols=True)
@@ -283,3 +142,85 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
                 save_checkpoint(out_dir, step, trainable, optimizer, cfg, env, cfg.keep_checkpoints)
     bar.close()
     return history
+
+
+class Objective(nn.Module):
+    """What a recipe minimises. forward(batch) -> the loss summed over the batch's targets; count(batch) -> how
+    many targets it has (known before the forward pass, for normalising a whole step)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model.loss(batch["input_ids"], batch["labels"], batch["pixel_values"], reduction="sum")
+
+
+class Distributed:
+    """Rank, world size and device; torchrun's environment variables start the process group."""
+
+    def __init__(self):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def make_optimizer(cfg: TrainConfig, groups: dict[str, list[tuple[str, nn.Parameter]]]) -> torch.optim.AdamW:
+    """AdamW with one parameter group per trained part, split into matrices (decayed) and norms and biases
+    (never decayed)."""
+    param_groups = []
+    for name, lr in cfg.lr.items():
+        for decayed in (True, False):
+            params = [p for _, p in groups[name] if (p.ndim >= 2 and cfg.weight_decay > 0) == decayed]
+            if params:
+                param_groups.append({"params": params, "lr": lr, "name": name + "/decay" * decayed,
+                                     "weight_decay": cfg.weight_decay if decayed else 0.0})
+    return torch.optim.AdamW(param_groups, betas=cfg.betas)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """The learning rate at `step` over the base one: linear warmup, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def wrap(objective: Objective, env: Distributed) -> nn.Module:
+    # Some micro-batches use no image (text-only samples), leaving the projector and vision tower unused.
+    if env.world_size == 1:
+        return objective
+    return nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
