@@ -76,7 +76,7 @@ class LLMConfig:
         return self.extra | hf
 
 
-def rope_inv_freq(cfg: LLMConfig, device=None) -> torch.Tensor:
+def rope_inv_freq(cfg: LLMConfig, device: torch.device | None = None) -> torch.Tensor:
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
     scaling = cfg.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
@@ -113,7 +113,8 @@ class RMSNorm(nn.Module):
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` positions and filled left to right."""
 
-    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, device, dtype):
+    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, device: str | torch.device,
+                 dtype: torch.dtype):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
@@ -136,18 +137,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape  # batch, new positions, hidden
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
+        q = q * cos + rotate_half(q) * sin  # cos, sin: (B, 1, T, head_dim), broadcast over heads
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+            k, v = cache.update(self.layer, k, v)  # (B, n_kv, S, head_dim), S = cached + T positions
+        # (B, n_head, T, head_dim); each key/value head serves n_head / n_kv query heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_head * head_dim) -> (B, T, hidden)
 
 
 class MLP(nn.Module):
@@ -169,7 +172,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -187,9 +191,9 @@ class LLM(nn.Module):
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape (B, 1, T, head_dim), computed in float32 like the reference."""
-        inv_freq = rope_inv_freq(self.cfg, position_ids.device)
-        freqs = position_ids[..., None].float() * inv_freq
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        inv_freq = rope_inv_freq(self.cfg, position_ids.device)  # (head_dim / 2,)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim / 2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, head_dim), the rotate-half layout
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -206,8 +210,8 @@ class LLM(nn.Module):
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
         if mask is None and past > 0 and T > 1:
             raise ValueError("a multi-token step after the prefill needs an explicit mask")
-        cos, sin = self.rope(position_ids, inputs_embeds.dtype)
-        x = inputs_embeds
+        cos, sin = self.rope(position_ids, inputs_embeds.dtype)  # (B, 1, T, head_dim)
+        x = inputs_embeds  # (B, T, D) all the way through
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)

@@ -42,15 +42,19 @@ class PrototypeExtractor(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values = self.value(x)
-        keys = F.normalize(self.key(x), dim=-1)
-        centres = pool_tokens(x, self.num_prototypes)
+        """(N, L, D) patch features -> (N, L, D), each patch plus its weighted prototype."""
+        values = self.value(x)  # f(x): (N, L, D)
+        keys = F.normalize(self.key(x), dim=-1)  # norm(v(x)), along the feature axis: (N, L, D)
+        centres = pool_tokens(x, self.num_prototypes)  # C_0: (N, K, D)
         for _ in range(self.iterations):
-            centres = self.centre(centres)
+            centres = self.centre(centres)  # c(C): (N, K, D)
+            # A: (N, K, L), each patch's softmax over the K centres
             assignment = (F.normalize(centres, dim=-1) @ keys.transpose(1, 2)).softmax(dim=1)
-            centres = assignment @ values
-        similarity = cosine(centres, x)
-        members = F.one_hot(similarity.argmax(dim=1), self.num_prototypes).transpose(1, 2).to(x.dtype)  # (N, K, L)
-        weight = torch.sigmoid(self.beta + self.alpha * similarity) * members
+            centres = assignment @ values  # A f(x): (N, K, D)
+        similarity = cosine(centres, x)  # cos(C, x): (N, K, L)
+        # (N, K, L): 1 where centre n is patch l's nearest, n*(l) = n
+        members = F.one_hot(similarity.argmax(dim=1), self.num_prototypes).transpose(1, 2).to(x.dtype)
+        weight = torch.sigmoid(self.beta + self.alpha * similarity) * members  # S, kept on members: (N, K, L)
+        # P: (N, K, D), the weighted mean of each centre's members' f(x), with the pooled f(x) as one more member
         prototypes = (weight @ values + pool_tokens(values, self.num_prototypes)) / (members.sum(-1, keepdim=True) + 1)
-        return x + weight.transpose(1, 2) @ prototypes
+        return x + weight.transpose(1, 2) @ prototypes  # x_l + S_{n*(l) l} P_{n*(l)}: (N, L, D)

@@ -19,8 +19,6 @@ import torch.nn.functional as F
 
 from .checkpoint import load_renamed, read_config, resolve
 
-CLIP_RENAMES = [("vision_model.encoder.layers.", "layers."), ("vision_model.", "")]
-
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "gelu": F.gelu,
@@ -86,11 +84,11 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        B, T, C = x.shape  # images, tokens (class token + patches), hidden
+        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, C / n_head)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, n_head, T, C / n_head); every token sees every token
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -132,16 +130,16 @@ class Embeddings(nn.Module):
         side = math.isqrt(pos.shape[0] - 1)
         if (grid_h, grid_w) == (side, side):
             return pos
-        grid = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-        return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)])
+        grid = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
+        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)  # (1, D, gh, gw)
+        return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)])  # (1 + gh * gw, D)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, D, H / p, W / p)
         grid_h, grid_w = patches.shape[-2:]
-        patches = patches.flatten(2).transpose(1, 2)
-        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
-        return torch.cat([cls, patches], dim=1) + self.position_embeddings(grid_h, grid_w)
+        patches = patches.flatten(2).transpose(1, 2)  # (N, grid_h * grid_w, D), row by row
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)  # (N, 1, D)
+        return torch.cat([cls, patches], dim=1) + self.position_embeddings(grid_h, grid_w)  # (N, 1 + patches, D)
 
 
 class VisionTower(nn.Module):
@@ -157,13 +155,13 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised pixels -> (N, tokens, hidden) features of the selected layer."""
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        x = self.pre_layrnorm(self.embeddings(pixel_values))  # (N, 1 + patches, hidden)
         for block in self.layers[: self.cfg.layers_to_run]:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return x[:, 1:] if self.cfg.select_feature == "patch" else x
+        return x[:, 1:] if self.cfg.select_feature == "patch" else x  # "patch" drops the class token
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
@@ -175,3 +173,6 @@ class VisionTower(nn.Module):
             model = cls(VisionConfig.from_hf(read_config(path), **overrides))
         load_renamed(model, path, CLIP_RENAMES, dtype, device)
         return model
+
+
+CLIP_RENAMES = [("vision_model.encoder.layers.", "layers."), ("vision_model.", "")]  # checkpoint -> module

@@ -4,9 +4,10 @@ The tokenizer expands every `<image>` placeholder into as many image-token ids a
 features; `embed` overwrites those positions with the projected features, image after image in reading order
 (across the batch, as llava-hf does). Samples without images sit in the same batch unchanged.
 
-One checkpoint format: the llava-hf layout (config.json with model_type "llava", model.safetensors, tokenizer
-and preprocessor files), which transformers' LlavaForConditionalGeneration loads as is. nanovlm-only settings
-(projector kind, chat template, pad-to-square) ride along under the "nanovlm" key of config.json.
+One checkpoint format, read and written by the end of this file: the llava-hf layout (config.json with
+model_type "llava", model.safetensors, tokenizer and preprocessor files), which transformers'
+LlavaForConditionalGeneration loads as is. nanovlm-only settings (projector kind, chat template, pad-to-square,
+prototypes) ride along under the "nanovlm" key of config.json.
 """
 
 from dataclasses import dataclass
@@ -24,46 +25,6 @@ from .projector import Projector
 from .prototypes import PrototypeExtractor
 from .tokenizer import Tokenizer
 from .vision import VisionConfig, VisionTower
-
-# Checkpoint prefix -> module prefix, first match wins. llava-hf checkpoints come in several layouts: the
-# original one on the Hub (the one nanovlm writes), transformers >= 4.52's `model.*` one, and vision towers
-# with or without the `vision_model.` level (transformers 5 writes them without).
-LLAVA_RENAMES = [
-    ("language_model.model.", "language_model."),
-    ("language_model.lm_head.", "language_model.lm_head."),
-    ("model.language_model.", "language_model."),
-    ("lm_head.", "language_model.lm_head."),
-    ("multi_modal_projector.", "multi_modal_projector."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-    ("vision_tower.vision_model.encoder.layers.", "vision_tower.layers."),
-    ("vision_tower.vision_model.", "vision_tower."),
-    ("vision_tower.encoder.layers.", "vision_tower.layers."),
-    ("vision_tower.", "vision_tower."),
-    ("model.vision_tower.vision_model.encoder.layers.", "vision_tower.layers."),
-    ("model.vision_tower.vision_model.", "vision_tower."),
-    ("model.vision_tower.encoder.layers.", "vision_tower.layers."),
-    ("model.vision_tower.", "vision_tower."),
-    ("prototype_extractor.", "prototype_extractor."),
-]
-SAVE_RENAMES = [  # module prefix -> checkpoint prefix, the inverse of the first block above
-    ("language_model.lm_head.", "language_model.lm_head."),
-    ("language_model.", "language_model.model."),
-    ("vision_tower.layers.", "vision_tower.vision_model.encoder.layers."),
-    ("vision_tower.", "vision_tower.vision_model."),
-    ("multi_modal_projector.", "multi_modal_projector."),
-    ("prototype_extractor.", "prototype_extractor."),
-]
-# Module prefix -> the module names of transformers' LlavaForConditionalGeneration, which PEFT adapters use.
-PEFT_RENAMES = [
-    ("language_model.", "model.language_model."),
-    ("vision_tower.layers.", "model.vision_tower.encoder.layers."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-]
-PEFT_TO_MODULE = [(new, old) for old, new in PEFT_RENAMES]
-# transformers' LlavaConfig falls back on this vision config when a checkpoint's config omits it.
-LLAVA_DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                            image_size=336, patch_size=14)
-SELECT_STRATEGIES = {"default": "patch", "full": "cls_patch"}
 
 
 @dataclass
@@ -115,10 +76,50 @@ class VLM(nn.Module):
         self.cfg = cfg
         self.vision_tower = VisionTower(cfg.vision)
         # Only SQ-LLaVA models have it; transformers' Llava has no such module and ignores its weights.
-        self.prototype_extractor = PrototypeExtractor(cfg.vision.hidden_size, cfg.prototypes) if cfg.prototypes \
-            else None
+        self.prototype_extractor = (PrototypeExtractor(cfg.vision.hidden_size, cfg.prototypes) if cfg.prototypes
+                                    else None)
         self.multi_modal_projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.llm.hidden_size)
         self.language_model = LLM(cfg.llm)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, tokens, llm hidden) image embeddings."""
+        features = self.vision_tower(pixel_values)  # (N, tokens, vision hidden)
+        if self.prototype_extractor is not None:
+            features = self.prototype_extractor(features)  # same shape
+        return self.multi_modal_projector(features)  # (N, tokens, llm hidden)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids and (N, 3, H, W) images -> (B, T, llm hidden) input embeddings."""
+        is_image = input_ids == self.cfg.image_token_id  # (B, T)
+        # The image id may lie past the vocabulary (added to the tokenizer only), so never look it up.
+        embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, D)
+        n_features = 0 if pixel_values is None else len(pixel_values) * self.cfg.vision.num_image_tokens(
+            pixel_values.shape[-1])
+        if int(is_image.sum()) != n_features:
+            raise ValueError(f"the batch has {int(is_image.sum())} image-token positions but its "
+                             f"{0 if pixel_values is None else len(pixel_values)} images give {n_features} features")
+        if n_features:
+            features = self.encode_images(pixel_values).to(embeds.dtype)  # (N, tokens, D)
+            # the N * tokens image positions take the features in reading order: still (B, T, D)
+            embeds = embeds.masked_scatter(is_image[..., None], features)
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) of a right-padded batch."""
+        return self.language_model.lm_head(self.language_model(self.embed(input_ids, pixel_values)))
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None,
+             reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy over the positions whose label is not -100, averaged or summed.
+
+        Only those positions are projected to the vocabulary: in a LLaVA batch most positions are image,
+        system or question tokens, so this saves most of the lm_head's time and memory.
+        """
+        hidden = self.language_model(self.embed(input_ids, pixel_values))  # (B, T, D)
+        targets = labels[:, 1:]  # (B, T - 1): position t predicts token t + 1
+        keep = targets != -100  # (B, T - 1), K positions true
+        logits = self.language_model.lm_head(hidden[:, :-1][keep])  # (K, D) -> (K, vocab)
+        return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """The named parameters of each part, the unit a recipe trains or freezes: vision, projector, llm,
@@ -140,44 +141,6 @@ class VLM(nn.Module):
         weight = self.multi_modal_projector.linear_1.weight
         self.prototype_extractor = PrototypeExtractor(self.cfg.vision.hidden_size, num_prototypes).to(
             device=weight.device, dtype=weight.dtype)
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, tokens, llm hidden) image embeddings."""
-        features = self.vision_tower(pixel_values)
-        if self.prototype_extractor is not None:
-            features = self.prototype_extractor(features)
-        return self.multi_modal_projector(features)
-
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        is_image = input_ids == self.cfg.image_token_id
-        # The image id may lie past the vocabulary (added to the tokenizer only), so never look it up.
-        embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
-        n_features = 0 if pixel_values is None else len(pixel_values) * self.cfg.vision.num_image_tokens(
-            pixel_values.shape[-1])
-        if int(is_image.sum()) != n_features:
-            raise ValueError(f"the batch has {int(is_image.sum())} image-token positions but its "
-                             f"{0 if pixel_values is None else len(pixel_values)} images give {n_features} features")
-        if n_features:
-            features = self.encode_images(pixel_values).to(embeds.dtype)
-            embeds = embeds.masked_scatter(is_image[..., None], features)
-        return embeds
-
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) of a right-padded batch."""
-        return self.language_model.lm_head(self.language_model(self.embed(input_ids, pixel_values)))
-
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None,
-             reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy over the positions whose label is not -100, averaged or summed.
-
-        Only those positions are projected to the vocabulary: in a LLaVA batch most positions are image,
-        system or question tokens, so this saves most of the lm_head's time and memory.
-        """
-        hidden = self.language_model(self.embed(input_ids, pixel_values))
-        targets = labels[:, 1:]
-        keep = targets != -100
-        logits = self.language_model.lm_head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
@@ -234,3 +197,45 @@ def load_pretrained(name_or_path: str, revision: str | None = None, dtype: torch
                          f"image_token_index {model.cfg.image_token_id}")
     processor = ImageProcessor.from_dir(path, model.cfg.vision.image_size, pad_to_square=model.cfg.pad_to_square)
     return model, tokenizer, processor
+
+
+# The llava-hf checkpoint layout.
+# Checkpoint prefix -> module prefix, first match wins. llava-hf checkpoints come in several layouts: the
+# original one on the Hub (the one nanovlm writes), transformers >= 4.52's `model.*` one, and vision towers
+# with or without the `vision_model.` level (transformers 5 writes them without).
+LLAVA_RENAMES = [
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "language_model.lm_head."),
+    ("model.language_model.", "language_model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("vision_tower.vision_model.encoder.layers.", "vision_tower.layers."),
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("vision_tower.encoder.layers.", "vision_tower.layers."),
+    ("vision_tower.", "vision_tower."),
+    ("model.vision_tower.vision_model.encoder.layers.", "vision_tower.layers."),
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.encoder.layers.", "vision_tower.layers."),
+    ("model.vision_tower.", "vision_tower."),
+    ("prototype_extractor.", "prototype_extractor."),
+]
+SAVE_RENAMES = [  # module prefix -> checkpoint prefix, the inverse of the first block above
+    ("language_model.lm_head.", "language_model.lm_head."),
+    ("language_model.", "language_model.model."),
+    ("vision_tower.layers.", "vision_tower.vision_model.encoder.layers."),
+    ("vision_tower.", "vision_tower.vision_model."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("prototype_extractor.", "prototype_extractor."),
+]
+# Module prefix -> the module names of transformers' LlavaForConditionalGeneration, which PEFT adapters use.
+PEFT_RENAMES = [
+    ("language_model.", "model.language_model."),
+    ("vision_tower.layers.", "model.vision_tower.encoder.layers."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+]
+PEFT_TO_MODULE = [(new, old) for old, new in PEFT_RENAMES]
+# transformers' LlavaConfig falls back on this vision config when a checkpoint's config omits it.
+LLAVA_DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=336, patch_size=14)
+SELECT_STRATEGIES = {"default": "patch", "full": "cls_patch"}
