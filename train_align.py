@@ -19,13 +19,14 @@ from nanovlm.recipe import SHAPES_DIR, dataset, fit, model_dtype, parse
 from nanovlm.templates import get_template, render
 from nanovlm.train import TrainConfig
 
+# LLaVA-1.5's stage 1 (scripts/v1_5/pretrain.sh), the same for both pretrained presets.
+PRETRAINED = TrainConfig(global_batch_size=256, micro_batch_size=32, lr={"projector": 1e-3}, max_length=2048,
+                         num_workers=4)
 RECIPES = {
-    "llava15-7b": TrainConfig(out_dir="out/llava15-7b/align", global_batch_size=256, micro_batch_size=32,
-                              lr={"projector": 1e-3}, max_length=2048, num_workers=4),
-    "small": TrainConfig(out_dir="out/small/align", global_batch_size=256, micro_batch_size=32,
-                         lr={"projector": 1e-3}, max_length=2048, num_workers=4),
+    "llava15-7b": PRETRAINED,
+    "small": PRETRAINED,
     # From scratch every part trains; 1e-3 and above stall on the shapes world, 5e-4 learns fastest.
-    "tiny": TrainConfig(out_dir="out/tiny/align", global_batch_size=32, micro_batch_size=32, epochs=2,
+    "tiny": TrainConfig(global_batch_size=32, micro_batch_size=32, epochs=2,
                         lr={"vision": 5e-4, "projector": 5e-4, "llm": 5e-4}, max_length=512),
 }
 
@@ -39,7 +40,7 @@ def shapes_corpus(world: Path, chat_template: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run = parse(__doc__.splitlines()[0], RECIPES, argv)
+    run = parse(__doc__.splitlines()[0], RECIPES, argv, stage="align")
     preset = PRESETS[run.preset]
     if preset.vision is None:
         if run.env.main:

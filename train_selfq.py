@@ -28,7 +28,7 @@ from data import shapes_eval
 from nanovlm.data import DataSource
 from nanovlm.lora import add_lora, save_adapter
 from nanovlm.presets import PRESETS
-from nanovlm.recipe import SHAPES_DIR, STAGE1_OUTPUT, dataset, fit, parse, start_from
+from nanovlm.recipe import SHAPES_DIR, dataset, fit, parse, stage_dir, start_from
 from nanovlm.train import TrainConfig
 from nanovlm.vlm import PEFT_RENAMES
 
@@ -38,25 +38,25 @@ VIT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 @dataclass
 class SelfQ:
-    no_selfq: bool = False
-    no_prototypes: bool = False
-    no_vit_lora: bool = False
-    sq_ratio: float = 0.5
-    num_prototypes: int = 256
-    llm_lora: tuple[int, float, float] = (128, 256.0, 0.05)  # r, alpha, dropout
-    vit_lora: tuple[int, float, float] = (32, 64.0, 0.2)
+    no_selfq: bool = False  # ablation: every human turn stays a USER turn, no VUSER question carries loss
+    no_prototypes: bool = False  # ablation: no prototype extractor before the projector
+    no_vit_lora: bool = False  # ablation: no LoRA on the vision tower, which stays frozen
+    sq_ratio: float = 0.5  # probability that a human turn after the first becomes a VUSER turn
+    num_prototypes: int = 256  # the prototype extractor's K centres
+    llm_lora: tuple[int, float, float] = (128, 256.0, 0.05)  # r, alpha, dropout of the LLM's adapters
+    vit_lora: tuple[int, float, float] = (32, 64.0, 0.2)  # r, alpha, dropout of the vision tower's adapters
 
 
-SQ_LRS = {"llm_lora": 2e-4, "projector": 2e-5, "prototypes": 2e-5, "vision_lora": 2e-5}
+# The released 7B scripts' recipe, the same for both pretrained presets.
+PRETRAINED = TrainConfig(global_batch_size=128, micro_batch_size=16, max_length=2048, num_workers=4,
+                         lr={"llm_lora": 2e-4, "projector": 2e-5, "prototypes": 2e-5, "vision_lora": 2e-5})
 RECIPES = {
-    "llava15-7b": TrainConfig(out_dir="out/llava15-7b/selfq", global_batch_size=128, micro_batch_size=16,
-                              lr=SQ_LRS, max_length=2048, num_workers=4),
-    "small": TrainConfig(out_dir="out/small/selfq", global_batch_size=128, micro_batch_size=16,
-                         lr=SQ_LRS, max_length=2048, num_workers=4),
+    "llava15-7b": PRETRAINED,
+    "small": PRETRAINED,
     # The tiny preset's schedule (train_sft.py); its adapters learn faster than its full weights, as LoRA recipes
     # do (LLaVA's: 10x): at 5e-4 the model still answered with captions after 150 steps (0-0.2%), at 2e-3
     # it reached 46% after 200.
-    "tiny": TrainConfig(out_dir="out/tiny/selfq", global_batch_size=32, micro_batch_size=32, epochs=2,
+    "tiny": TrainConfig(global_batch_size=32, micro_batch_size=32, epochs=2,
                         lr={"llm_lora": 2e-3, "vision_lora": 2e-3, "projector": 5e-4, "prototypes": 5e-4},
                         max_length=512),
 }
@@ -67,9 +67,10 @@ METHODS = {"llava15-7b": SelfQ(), "small": SelfQ(),
 
 
 def main(argv: list[str] | None = None) -> None:
-    run = parse(__doc__.splitlines()[0], RECIPES, argv, METHODS)
+    run = parse(__doc__.splitlines()[0], RECIPES, argv, METHODS, stage="selfq")
     sq: SelfQ = run.method
-    model, tokenizer, processor = start_from(run, STAGE1_OUTPUT[run.preset])
+    init = run.init or stage_dir(run.preset, "align")
+    model, tokenizer, processor = start_from(run, init)
     torch.manual_seed(run.cfg.seed)  # the adapters' and the extractor's initialisation
     add_lora(model.language_model, LLM_TARGETS, *sq.llm_lora)
     lr = dict(run.cfg.lr)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     data = dataset(run, model, tokenizer, processor, "v1_sq", sq_ratio=0.0 if sq.no_selfq else sq.sq_ratio)
     fit(run, model, tokenizer, processor, data)
     if run.env.main:
-        save_adapter(model, Path(run.cfg.out_dir) / "adapter", PEFT_RENAMES, run.init or STAGE1_OUTPUT[run.preset])
+        save_adapter(model, Path(run.cfg.out_dir) / "adapter", PEFT_RENAMES, init)
         if is_shapes:
             shapes_eval.report(model, tokenizer, processor, SHAPES_DIR, Path(run.cfg.out_dir))
 

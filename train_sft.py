@@ -16,24 +16,25 @@ from pathlib import Path
 from data import shapes_eval
 from nanovlm.data import DataSource
 from nanovlm.presets import PRESETS
-from nanovlm.recipe import SHAPES_DIR, STAGE1_OUTPUT, dataset, fit, parse, start_from
+from nanovlm.recipe import SHAPES_DIR, dataset, fit, parse, stage_dir, start_from
 from nanovlm.train import TrainConfig
 
+# LLaVA-1.5's stage 2 (scripts/v1_5/finetune.sh), the same for both pretrained presets.
+PRETRAINED = TrainConfig(global_batch_size=128, micro_batch_size=16, lr={"projector": 2e-5, "llm": 2e-5},
+                         max_length=2048, num_workers=4)
 RECIPES = {
-    "llava15-7b": TrainConfig(out_dir="out/llava15-7b/sft", global_batch_size=128, micro_batch_size=16,
-                              lr={"projector": 2e-5, "llm": 2e-5}, max_length=2048, num_workers=4),
-    "small": TrainConfig(out_dir="out/small/sft", global_batch_size=128, micro_batch_size=16,
-                         lr={"projector": 2e-5, "llm": 2e-5}, max_length=2048, num_workers=4),
+    "llava15-7b": PRETRAINED,
+    "small": PRETRAINED,
     # The tiny tower was never pretrained, so it keeps training here too. Three epochs: after two, counting and
     # existence were still climbing (89.0% in distribution against 90.2%, README).
-    "tiny": TrainConfig(out_dir="out/tiny/sft", global_batch_size=32, micro_batch_size=32, epochs=3,
+    "tiny": TrainConfig(global_batch_size=32, micro_batch_size=32, epochs=3,
                         lr={"vision": 5e-4, "projector": 5e-4, "llm": 5e-4}, max_length=512),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
-    run = parse(__doc__.splitlines()[0], RECIPES, argv)
-    model, tokenizer, processor = start_from(run, STAGE1_OUTPUT[run.preset])
+    run = parse(__doc__.splitlines()[0], RECIPES, argv, stage="sft")
+    model, tokenizer, processor = start_from(run, stage_dir(run.preset, "align"))
     is_shapes = PRESETS[run.preset].vision is None and not run.data
     if is_shapes:
         run.data = [DataSource(SHAPES_DIR / "instruct.json")]

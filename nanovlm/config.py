@@ -1,10 +1,18 @@
-"""Command-line overrides for config dataclasses: `--field value` for every field.
+"""Command-line options for config dataclasses: `--field value` for every field, each listed by --help.
 
 Values are parsed by the field's default: numbers and strings as such, booleans as true/false (a bare
-`--flag` means true), tuples as `a,b`, dicts as `key=value,key=value` (numbers as values).
+`--flag` means true), tuples as `a,b`, dicts as `key=value,key=value` (numbers as values). Dashes and
+underscores in option names are the same (`--no-selfq` is `--no_selfq`). An option's help is the comment at the
+end of its field's line, so the dataclass's source is the one place a setting is described.
 """
 
+import argparse
+import ast
 import dataclasses
+import inspect
+import io
+import textwrap
+import tokenize
 from typing import Any
 
 
@@ -23,23 +31,73 @@ def parse_value(text: str, like: Any) -> Any:
     return type(like)(text) if like is not None else text
 
 
-def override(argv: list[str], *configs: Any) -> list[Any]:
-    """Copies of the dataclasses `configs` with the `--field value` pairs of argv applied to whichever has the
-    field (the first one that has it); unknown fields are errors."""
-    fields, owner = {}, {}
-    for index, cfg in reversed(list(enumerate(configs))):
-        for f in dataclasses.fields(cfg):
-            fields[f.name], owner[f.name] = getattr(cfg, f.name), index
-    changes: list[dict] = [{} for _ in configs]
-    i = 0
-    while i < len(argv):
-        name = argv[i].removeprefix("--").replace("-", "_")
-        if not argv[i].startswith("--") or name not in fields:
-            raise SystemExit(f"unknown option {argv[i]!r}; options: {' '.join('--' + f for f in fields)}")
-        bare_flag = isinstance(fields[name], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+def show_value(value: Any) -> str:
+    """A value as it is written on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v:g}" for k, v in value.items()) or "''"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value) if value != "" else "''"
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment that ends each field's line in the source of dataclass `cls`."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    [node] = ast.parse(source).body
+    return {statement.target.id: comments[statement.end_lineno] for statement in node.body
+            if isinstance(statement, ast.AnnAssign) and statement.end_lineno in comments}
+
+
+def value_type(like: Any):
+    """What argparse calls on an option's text: parse_value, its errors reported with the option's name."""
+
+    def parse(text: str) -> Any:
         try:
-            changes[owner[name]][name] = True if bare_flag else parse_value(argv[i + 1], fields[name])
-        except (ValueError, IndexError) as e:
-            raise SystemExit(f"bad value for {argv[i]}: {e}") from None
-        i += 1 if bare_flag else 2
-    return [dataclasses.replace(cfg, **change) for cfg, change in zip(configs, changes)]
+            return parse_value(text, like)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def metavar(like: Any) -> str:
+    if isinstance(like, bool):
+        return "true|false"
+    if isinstance(like, dict):
+        return "KEY=VALUE,..."
+    if isinstance(like, tuple):
+        return ",".join(type(x).__name__.upper() for x in like)
+    return type(like).__name__.upper() if like is not None else "VALUE"
+
+
+def add_options(parser: argparse.ArgumentParser, cfg: Any, title: str) -> None:
+    """An option for every field of the dataclass instance `cfg`, whose values are the defaults."""
+    group = parser.add_argument_group(title)
+    comments = field_comments(type(cfg))
+    for f in dataclasses.fields(cfg):
+        default = getattr(cfg, f.name)
+        like = default if f.default is dataclasses.MISSING else f.default  # epochs=3 is still a float field
+        flag = isinstance(like, bool)  # a bare --flag means true
+        text = f"{comments.get(f.name, '')} (default: {show_value(default)})".replace("%", "%%")
+        group.add_argument(f"--{f.name}", default=default, type=value_type(like), metavar=metavar(like),
+                           nargs="?" if flag else None, const=True if flag else None, help=text)
+
+
+def read_options(args: argparse.Namespace, cfg: Any) -> Any:
+    """A copy of the dataclass instance `cfg` with the values the command line gave its fields."""
+    return dataclasses.replace(cfg, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cfg)})
+
+
+def underscored(argv: list[str]) -> list[str]:
+    """The command line with dashes in option names written as underscores: --no-selfq -> --no_selfq."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, equals, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + equals + value
+        out.append(arg)
+    return out

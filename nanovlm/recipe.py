@@ -3,14 +3,16 @@ run the shared loop, save on rank 0. The scripts keep only what differs: the hyp
 template, the objective, and where the model starts."""
 
 import argparse
+import dataclasses
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import override
+from .config import add_options, read_options, underscored
 from .data import DataSource, LLaVADataset
 from .image import ImageProcessor
 from .presets import PRESETS
@@ -20,7 +22,6 @@ from .train import Distributed, Objective, TrainConfig, train
 from .vlm import VLM, load_pretrained
 
 SHAPES_DIR = Path("out/shapes")  # where train_align.py writes the shapes world
-STAGE1_OUTPUT = {"llava15-7b": "out/llava15-7b/align", "small": "out/small/align", "tiny": "out/tiny/align"}
 
 
 @dataclass
@@ -33,21 +34,51 @@ class Run:
     method: Any = None  # a recipe's own settings (a dataclass), overridable like TrainConfig
 
 
+def stage_dir(preset: str, stage: str) -> str:
+    """Where a stage writes its model (out/PRESET/STAGE), and where the next stage starts from."""
+    return f"out/{preset}/{stage}"
+
+
 def parse(description: str, recipes: dict[str, TrainConfig], argv: list[str] | None = None,
-          methods: dict[str, Any] | None = None) -> Run:
-    """The run the command line asks for; `methods` holds a recipe's own settings dataclass per preset."""
-    parser = argparse.ArgumentParser(description=description, epilog="Any TrainConfig field can be overridden "
-                                     "with --field value, e.g. --max_steps 100 --lr projector=1e-3,llm=2e-5.")
-    parser.add_argument("--preset", default="tiny", choices=sorted(recipes))
-    parser.add_argument("--data", nargs="+", default=[], help="LLaVA JSON files, each FILE or FILE:WEIGHT")
-    parser.add_argument("--image_folder", default=None, help="image root (default: each JSON file's folder)")
-    parser.add_argument("--init", default=None, help="checkpoint to start from (a directory or Hub repo id)")
-    args, rest = parser.parse_known_args(argv)
-    cfg, *method = override(rest, recipes[args.preset], *([methods[args.preset]] if methods else []))
+          methods: dict[str, Any] | None = None, stage: str | None = None) -> Run:
+    """The run the command line asks for. `recipes` and `methods` (a recipe's own settings dataclass) hold the
+    defaults of each preset; `stage` names the output folder, out/PRESET/STAGE, unless --out_dir says otherwise."""
+    argv = underscored(sys.argv[1:] if argv is None else argv)
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the preset decides the defaults
+    first.add_argument("--preset", default="tiny", choices=sorted(recipes))
+    preset = first.parse_known_args(argv)[0].preset
+    cfg = recipes[preset] if stage is None else dataclasses.replace(recipes[preset], out_dir=stage_dir(preset, stage))
+    method = methods[preset] if methods else None
+    args = command_line(description, sorted(recipes), preset, cfg, method).parse_args(argv)
     data = [DataSource.parse(spec) for spec in args.data]
     for source in data:
         source.image_folder = Path(args.image_folder) if args.image_folder else None
-    return Run(args.preset, cfg, data, args.init, Distributed(), method[0] if method else None)
+    method = read_options(args, method) if method is not None else None
+    return Run(preset, read_options(args, cfg), data, args.init, Distributed(), method)
+
+
+def command_line(description: str, presets: list[str], preset: str, cfg: TrainConfig,
+                 method: Any) -> argparse.ArgumentParser:
+    """The options of a train script: the run's own four, then every field of `cfg` and of `method` (if any),
+    whose values are the defaults --help shows."""
+    parser = argparse.ArgumentParser(
+        description=description, allow_abbrev=False,
+        usage="%(prog)s [-h] [--preset PRESET] [--data FILE[:WEIGHT] ...] [--init DIR] [--FIELD VALUE ...]",
+        epilog="Defaults are the chosen preset's: --preset small --help lists that one's. Dashes and underscores "
+               "in option names are the same; a bare boolean flag means true.")
+    parser.add_argument("--preset", default="tiny", choices=presets, help="the model and its recipe (default: tiny)")
+    parser.add_argument("--data", nargs="+", default=[], metavar="FILE[:WEIGHT]",
+                        help="LLaVA JSON files; a weight draws a seeded share of a file per epoch (default: the "
+                             "shapes world on the tiny preset, required on the others)")
+    parser.add_argument("--image_folder", default=None, metavar="DIR",
+                        help="image root of every --data file (default: each JSON file's folder)")
+    parser.add_argument("--init", default=None, metavar="DIR",
+                        help="checkpoint to start from, a directory or Hub repo id (default: the previous stage's "
+                             "output, where there is one)")
+    add_options(parser, cfg, f"training ({type(cfg).__name__}, the {preset} preset's defaults)")
+    if method is not None:
+        add_options(parser, method, f"method ({type(method).__name__}, the {preset} preset's defaults)")
+    return parser
 
 
 def model_dtype(run: Run) -> torch.dtype:
@@ -81,7 +112,7 @@ def fit(run: Run, model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, d
 
 
 def start_from(run: Run, default_init: str | None) -> tuple[VLM, Tokenizer, ImageProcessor]:
-    """The model a later stage continues: --init, else the previous stage's output."""
+    """The model a later stage continues: --init, else `default_init` (the previous stage's stage_dir)."""
     init = run.init or default_init
     if init is None:
         raise SystemExit("--init is required: the checkpoint to continue from")
