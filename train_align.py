@@ -1,8 +1,10 @@
 """Stage 1 of LLaVA (Liu et al., NeurIPS 2023): align image features with the LLM's word embeddings.
 
-Recipe: the `plain` template (the image, then its caption), loss on the caption only; only the projector trains,
-at lr 1e-3, global batch 256, one epoch, cosine decay after 3% warmup, no weight decay. The tiny preset has no
-pretrained towers, so there every part trains, on the shapes world's captions (generated on first use).
+The model learns to caption: L = -(1/|C|) sum_{t in C} log p(x_t | x_<t, image), C the caption's tokens.
+Recipe (LLaVA-1.5, Liu et al., CVPR 2024, scripts/v1_5/pretrain.sh): the `plain` template (the image, then its
+caption), loss on the caption only; only the projector trains, at lr 1e-3, global batch 256, one epoch, cosine
+decay after 3% warmup, no weight decay. The tiny preset has no pretrained towers, so there every part trains,
+on the shapes world's captions (generated on first use).
 
     python train_align.py                                    # tiny preset, shapes world, CPU is fine
     torchrun --nproc_per_node=8 train_align.py --preset llava15-7b --data blip_laion_cc_sbu_558k.json

@@ -1,18 +1,33 @@
-"""SQ-LLaVA (Sun et al., ECCV 2024): visual instruction tuning with self-questioning, a prototype extractor and
-LoRA on both towers.
+"""SQ-LLaVA (Sun et al., "SQ-LLaVA: Self-Questioning for Large Vision-Language Assistant", ECCV 2024): visual
+instruction tuning with self-questioning, a prototype extractor and LoRA on both towers.
+
+The model learns to ask questions about an image as well as to answer them: L = L_sq + L_ans, one token-mean
+cross-entropy over the visual user's questions and the assistant's answers (nanovlm/selfq.py).
 
 Recipe (the released 7B scripts): the `v1_sq` template, each later human turn a visual-user (VUSER) question
 with probability 0.5, whose tokens carry loss like the answers (nanovlm/selfq.py); the prototype extractor
 (256 centres, nanovlm/prototypes.py) before the MLP projector, both trained fully at lr 2e-5; LoRA r128 /
 alpha 256 / dropout 0.05 on the LLM's q,k,v,o,gate,up,down at lr 2e-4; LoRA r32 / alpha 64 / dropout 0.2 on
-every ViT layer's q,k,v,out_proj,fc1,fc2 at lr 2e-5 (it really trains here: the official tower runs under
-no_grad); everything else frozen; global batch 128, one epoch, cosine decay after 3% warmup. It continues the
-stage-1 checkpoint (--init, by default train_align.py's output). The paper's ablation switches one part off:
---no-selfq (every turn a USER turn), --no-prototypes, --no-vit-lora; all three give LLaVA-1.5's LoRA recipe.
+every ViT layer's q,k,v,out_proj,fc1,fc2 at lr 2e-5; everything else frozen; global batch 128, one epoch,
+cosine decay after 3% warmup. It continues the stage-1 checkpoint (--init, by default train_align.py's
+output). The paper's ablation switches one part off: --no-selfq (every turn a USER turn), --no-prototypes,
+--no-vit-lora; all three give LLaVA-1.5's LoRA recipe.
 
-The finished model is written with the adapters merged (llava-hf layout plus the extractor's weights), and the
-adapters alone under adapter/ in PEFT's layout. On the tiny preset it trains on the shapes world's QA and
-then prints the shapes evaluation.
+Where this departs from the official code, and why:
+- The ViT LoRA really trains: the official vision tower runs under no_grad, so its adapters never get a
+  gradient (tests/test_selfq.py checks that every ViT adapter changes after one step).
+- The visual-user draw is seeded per record and epoch, so a run can be repeated; the official one is not.
+- Stage 1 is LLaVA's (train_align.py) and the extractor starts at stage 2, newly initialised; the official
+  stage 1 trains it with the projector (nanovlm/prototypes.py says why).
+- sq_ratio 0.5 is the released scripts' current value; the paper's 7B run on LLaVA-665K used 0.3 (with this
+  ViT LoRA, r32 / alpha 64; the current 13B script pairs 0.5 with r64 / alpha 128).
+- The finished model keeps the `v1_sq` template, so eval.py prompts with its system prompt; the official
+  evaluation scripts prompt with `vicuna_v1`.
+- The model is written with the adapters merged (llava-hf layout plus the extractor's weights), and both
+  towers' adapters under adapter/ in PEFT's layout; the official code saves the LLM adapter, the ViT adapter
+  and the other trained weights apart.
+
+On the tiny preset it trains on the shapes world's QA and then prints the shapes evaluation.
 
     python train_selfq.py                                    # tiny preset, after python train_align.py
     torchrun --nproc_per_node=8 train_selfq.py --preset llava15-7b --data llava_v1_5_mix665k.json

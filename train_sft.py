@@ -1,10 +1,16 @@
 """Stage 2 of LLaVA (Liu et al., NeurIPS 2023): visual instruction tuning.
 
-Recipe: the chat template of the preset (`vicuna_v1` for LLaVA-1.5), loss on the assistant's answers only;
-the projector and the LLM train at lr 2e-5, the vision tower stays frozen; global batch 128, one epoch,
-cosine decay after 3% warmup, no weight decay. It continues the stage-1 checkpoint (--init, by default
-train_align.py's output). On the tiny preset it trains on the shapes world's multi-turn QA and then prints
-the shapes evaluation and a few sample answers.
+The model learns to answer: L = -(1/|A|) sum_{t in A} log p(x_t | x_<t, image), A the assistant's tokens.
+Recipe (LLaVA-1.5, Liu et al., CVPR 2024, scripts/v1_5/finetune.sh): the chat template of the preset
+(`vicuna_v1` for LLaVA-1.5), loss on the assistant's answers only; the projector and the LLM train at lr 2e-5,
+the vision tower stays frozen; global batch 128, one epoch, cosine decay after 3% warmup, no weight decay. It
+continues the stage-1 checkpoint (--init, by default train_align.py's output). On the tiny preset it trains
+on the shapes world's multi-turn QA and then prints the shapes evaluation and a few sample answers.
+
+Where this departs from the official code: the mean is over the answer tokens of the whole global batch
+(nanovlm/train.py), where the official trainer averages each device's micro-batch first, so that there a
+token of a short answer weighs more; and a step draws its records at random (sorted by length only with
+--group_by_length), where LLaVA-1.5 groups them by modality and length.
 
     python train_sft.py                                      # tiny preset, after python train_align.py
     torchrun --nproc_per_node=8 train_sft.py --preset llava15-7b --data llava_v1_5_mix665k.json

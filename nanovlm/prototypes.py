@@ -10,10 +10,15 @@ its cluster, so the projector sees each patch together with what the image holds
     P_n = (sum_{l: n*(l) = n} S_nl f(x_l) + avgpool_K(f(x))_n) / (|{l: n*(l) = n}| + 1)
     x'_l = x_l + S_{n*(l) l} P_{n*(l)}
 
-c, v and f are Linear(D, D) (3.15M parameters at D = 1024); the token count is unchanged. Two choices differ
-from the official code, as METHODS.md records: the hard nearest centre is the code's (the paper writes a soft
-average over all centres), and v(x) is normalised along the feature axis (the code normalises along the token
-axis, which makes the assignment A near-uniform).
+c, v and f are Linear(D, D) (3.15M parameters at D = 1024); the token count is unchanged. Where this differs
+from the paper or the official code (heliossun/SQ-LLaVA, llava/model/multimodal_projector/cluster.py), and why:
+- the nearest centre is a hard assignment, as in the code; the paper writes a soft average over all centres;
+- v(x) is normalised along the feature axis; the code normalises it along the token axis, which makes the
+  assignment A near-uniform, so the iterations barely move the centres;
+- what follows is the model's own projector (LLaVA-1.5's mlp2x_gelu), trained by train_align.py at stage 1.
+  The official extractor ends in its own Linear-QuickGELU-Linear MLP and is trained with it at stage 1 on the
+  captions (lr 1e-3); here it is added, newly initialised, at stage 2 (train_selfq.py), so that every method
+  continues the same stage-1 checkpoint and the --no-prototypes ablation is exactly LLaVA's LoRA model.
 """
 
 import torch
