@@ -253,3 +253,22 @@ def test_probe_reads_every_stage_of_a_tiny_model(init: Path, world: Path):
     assert list(results) == ["vision tower", "projector"] + [f"llm layer {i}" for i in range(1, 5)]
     # The untrained tower's sine-cosine positions reach its output: columns are far above chance (25%).
     assert results["vision tower"]["column"] > 0.6 and results["vision tower"]["row"] > 0.6
+
+
+def test_show_draws_the_images_enlarged_and_a_model_answers_every_question(init: Path, world: Path, tmp_path: Path):
+    from data.shapes import SHOW_SCALE, model_answers, same, show
+
+    picture = Image.open(show(world, 3, tmp_path / "truth.png")).convert("RGB")
+    source = Image.open(world / "images" / "eval_000000.png").convert("RGB")
+    side = SHOW_SCALE * source.width
+    enlarged = source.resize((side, side), Image.NEAREST)
+    assert picture.crop((12, 12, 12 + side, 12 + side)).tobytes() == enlarged.tobytes()  # the first image, top left
+    assert picture.width > 2 * side and picture.height > 2 * side  # two columns, two rows
+
+    asked = [("images/eval_000000.png", "How many objects are there?"), ("images/eval_000001.png", "Describe the image.")]
+    replies = model_answers(str(init), world, asked)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    with_model = Image.open(show(world, 3, tmp_path / "model.png", str(init))).convert("RGB")
+    assert with_model.tobytes() != picture.tobytes()  # the model's answers are drawn too
+    assert same("A blue square and a red circle.", "A red circle and a blue square.") and same("Two.", "2")
+    assert not same("A red circle.", "A red circle and a blue square.")
