@@ -27,6 +27,7 @@ from nanovlm.selfq import ask_questions
 from nanovlm.templates import get_template
 from nanovlm.vlm import load_pretrained
 
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="nanovlm checkpoint directory, llava-hf repo id or local llava-hf directory")

@@ -399,6 +399,7 @@ def generate(out_dir: str | Path, cfg: ShapesConfig = ShapesConfig()) -> dict:
 
 SHOW_SCALE = 3  # a shown image is drawn 3x larger, each pixel a 3x3 block
 SPLIT_NAMES = {"in_distribution": "in distribution", "holdout": "hold-out (a colour-shape pair never trained on)"}
+Line = list[tuple[str, str]]  # a line of text as (text, colour) segments
 
 
 def show(world_dir: Path, count: int, png: Path, model_dir: str | None = None) -> Path:
@@ -445,8 +446,8 @@ def show(world_dir: Path, count: int, png: Path, model_dir: str | None = None) -
     return png
 
 
-def wrapped(lines: list[list[tuple[str, str]]], font: ImageFont.FreeTypeFont, width: int) -> list[list[tuple[str, str]]]:
-    """Lines of (text, colour) segments, a segment too wide for `width` pixels broken at spaces."""
+def wrapped(lines: list[Line], font: ImageFont.FreeTypeFont, width: int) -> list[Line]:
+    """The lines, a segment too wide for `width` pixels broken at spaces."""
     out = []
     for segments in lines:
         if sum(font.getlength(text) for text, _ in segments) <= width:

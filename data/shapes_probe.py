@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanovlm.image import load_image
+from nanovlm.image import ImageProcessor, load_image
 from nanovlm.templates import get_template, tokenize_conversation
-from nanovlm.vlm import load_pretrained
+from nanovlm.tokenizer import Tokenizer
+from nanovlm.vlm import VLM, load_pretrained
 
 from .shapes import GRID
 
@@ -45,7 +46,8 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, steps: int = 40
 
 
 @torch.no_grad()
-def stage_features(model, tokenizer, processor, image_paths: list[Path]) -> dict[str, torch.Tensor]:
+def stage_features(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor,
+                   image_paths: list[Path]) -> dict[str, torch.Tensor]:
     """stage name -> (images, image tokens, hidden size) features of every image token at that stage."""
     template = get_template(model.cfg.template)
     conversation = [{"from": "human", "value": "<image>\nDescribe the image."}]
@@ -84,10 +86,12 @@ def probe(model_dir: str, world_dir: Path, images: int = 2000) -> dict[str, dict
     cell = json.loads((world_dir / "world.json").read_text())["config"]["image_size"] // GRID
     features = stage_features(model, tokenizer, processor, [world_dir / p for p in paths])
     # (image, column, row) of every object; its image token is row * GRID + column (row-major patches)
-    cells = torch.tensor([(i, o["x"] // cell, o["y"] // cell) for i, path in enumerate(paths) for o in objects[path]])
+    cells = torch.tensor([(i, o["x"] // cell, o["y"] // cell)
+                          for i, path in enumerate(paths) for o in objects[path]])
     image_index, column, row = cells.T
     at_objects = {name: f[image_index, row * GRID + column] for name, f in features.items()}
-    return {name: {"column": probe_accuracy(f, column), "row": probe_accuracy(f, row)} for name, f in at_objects.items()}
+    return {name: {"column": probe_accuracy(f, column), "row": probe_accuracy(f, row)}
+            for name, f in at_objects.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=2000)
     args = parser.parse_args(argv)
     results = probe(args.model, args.world, args.images)
-    print(f"{args.model}: linear probes of each object's grid cell (%; chance 25)\n| stage | column | row |\n|---|---:|---:|")
+    print(f"{args.model}: linear probes of each object's grid cell (%; chance 25)")
+    print("| stage | column | row |\n|---|---:|---:|")
     for name, accuracy in results.items():
         print(f"| {name} | {100 * accuracy['column']:.1f} | {100 * accuracy['row']:.1f} |")
     return results

@@ -191,8 +191,8 @@ def score(benchmark: Benchmark, predictions: list[str]) -> dict:
         return {"accuracy": sum(accuracies) / len(accuracies), "n": len(accuracies)}
     if task == "mc":
         picked = [option_letter(p, r["options"]) for r, p in zip(records, predictions)]
-        return {"accuracy": sum(l == r["answer"] for r, l in zip(records, picked)) / len(records),
-                "unparsed": sum(l is None for l in picked), "n": len(records)}
+        return {"accuracy": sum(letter == r["answer"] for r, letter in zip(records, picked)) / len(records),
+                "unparsed": sum(letter is None for letter in picked), "n": len(records)}
     if task == "pope":
         by_category = defaultdict(list)
         for r, p in zip(records, predictions):

@@ -8,8 +8,8 @@ a 7B model is never initialised randomly first and never held twice in memory.
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn

@@ -13,6 +13,7 @@ import inspect
 import io
 import textwrap
 import tokenize
+from collections.abc import Callable
 from typing import Any
 
 
@@ -52,7 +53,7 @@ def field_comments(cls: type) -> dict[str, str]:
             if isinstance(statement, ast.AnnAssign) and statement.end_lineno in comments}
 
 
-def value_type(like: Any):
+def value_type(like: Any) -> Callable[[str], Any]:
     """What argparse calls on an option's text: parse_value, its errors reported with the option's name."""
 
     def parse(text: str) -> Any:

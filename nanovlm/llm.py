@@ -41,7 +41,7 @@ class LLMConfig:
     model_type: str = "llama"
     extra: dict = field(default_factory=dict)  # other checkpoint config keys, written back on save
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported LLM model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")

@@ -14,6 +14,7 @@ so checkpoints of the base model still load into it and `merged_state_dict` writ
 
 import json
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,8 +48,8 @@ class LoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.enabled and not self.merged:
-            y = y + self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))).to(y.dtype) \
-                * self.scaling
+            update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))  # B A dropout(x)
+            y = y + update.to(y.dtype) * self.scaling
         return y
 
     @torch.no_grad()
@@ -107,7 +108,7 @@ def unmerge(model: nn.Module) -> None:
 
 
 @contextmanager
-def adapters_disabled(model: nn.Module):
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: every adapter of `model` is switched off inside the block (STIC's DPO reference)."""
     layers = lora_layers(model).values()
     if any(layer.merged for layer in layers):

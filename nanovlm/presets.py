@@ -77,7 +77,8 @@ def tiny_model(texts: list[str], seed: int = 0) -> tuple[VLM, Tokenizer, ImagePr
     return model, tokenizer, processor
 
 
-def pretrained_model(preset: Preset, dtype: torch.dtype, device) -> tuple[VLM, Tokenizer, ImageProcessor]:
+def pretrained_model(preset: Preset, dtype: torch.dtype,
+                     device: str | torch.device) -> tuple[VLM, Tokenizer, ImageProcessor]:
     """A new VLM from a preset's pretrained CLIP and LLM, with a fresh projector (LLaVA's stage-1 start)."""
     model = VLM.from_parts(preset.vision, preset.llm, preset.projector, preset.template, dtype, device)
     tokenizer = Tokenizer.from_dir(resolve(preset.llm))

@@ -92,9 +92,8 @@ def validate_conversation(conversation: list[dict], generation_prompt: bool = Fa
         raise ValueError("conversation ends with a human turn; training needs it to end with a gpt answer")
 
 
-def render(
-    template: Template, conversation: list[dict], generation_prompt: bool = False
-) -> tuple[str, list[tuple[int, int]]]:
+def render(template: Template, conversation: list[dict],
+           generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation to text and the (start, end) character spans that carry loss.
 
     With generation_prompt=True the conversation ends with a human (or vuser) turn and the text ends where the
@@ -123,13 +122,8 @@ def render(
     return text, spans
 
 
-def tokenize_conversation(
-    tokenizer: Tokenizer,
-    template: Template,
-    conversation: list[dict],
-    num_image_tokens: int,
-    generation_prompt: bool = False,
-) -> tuple[list[int], list[int]]:
+def tokenize_conversation(tokenizer: Tokenizer, template: Template, conversation: list[dict], num_image_tokens: int,
+                          generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """Token ids and labels (IGNORE_INDEX where there is no loss) for a conversation.
 
     The whole text is tokenised once, so BPE merges and sentencepiece's word-initial spaces are exactly those

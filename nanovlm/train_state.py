@@ -48,8 +48,8 @@ def checkpoints(out_dir: Path) -> list[Path]:
     return sorted(out_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, nn.Parameter], optimizer, cfg: TrainConfig,
-                    env: Distributed, keep: int) -> None:
+def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, nn.Parameter],
+                    optimizer: torch.optim.Optimizer, cfg: TrainConfig, env: Distributed, keep: int) -> None:
     """checkpoint-STEP/ holds the trainable weights (frozen ones never change), the optimizer, the step, the
     config and one RNG file per rank. It is assembled under a temporary name and renamed when complete."""
     final, tmp = out_dir / f"checkpoint-{step}", out_dir / f".checkpoint-{step}.tmp"
@@ -70,7 +70,8 @@ def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, nn.Parameter]
     env.barrier()
 
 
-def load_checkpoint(path: Path, trainable: dict[str, nn.Parameter], optimizer, env: Distributed) -> int:
+def load_checkpoint(path: Path, trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                    env: Distributed) -> int:
     """Restore the trainable weights, the optimizer and this rank's RNG from `path`; return its step."""
     state = json.loads((path / "trainer_state.json").read_text())
     if state["world_size"] != env.world_size:

@@ -38,7 +38,7 @@ class VisionConfig:
     select_layer: int = -2  # index into the hidden states (embeddings, layer 1, ..., layer L) as LLaVA counts
     select_feature: str = "patch"  # "patch" drops the class token, "cls_patch" keeps it
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported vision activation {self.hidden_act!r}; supported: {sorted(ACTIVATIONS)}")
         if self.select_feature not in ("patch", "cls_patch"):

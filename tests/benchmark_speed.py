@@ -21,6 +21,7 @@ import platform
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import tokenizers
@@ -112,7 +113,7 @@ def bench_training(ours: VLM, ref: LlavaForConditionalGeneration, args) -> dict:
         model.zero_grad(set_to_none=True)
         loss_fn().backward()
 
-    ms = {name: 1000 * median_seconds(lambda: step(model, losses[name]), args.iters, args.warmup)
+    ms = {name: 1000 * median_seconds(partial(step, model, losses[name]), args.iters, args.warmup)
           for name, model in (("nanovlm", ours), ("transformers", ref))}
     return {"loss": ours_loss, "ms_per_batch": ms, "speedup": ms["transformers"] / ms["nanovlm"]}
 

@@ -381,7 +381,7 @@ def test_llava_mix665k(home, tmp_path, capsys):
     hub_dataset(home, "liuhaotian/LLaVA-Instruct-150K", {"llava_v1_5_mix665k.json": json.dumps(records).encode()})
     zips = {name: zip_bytes({member: image_bytes(i) for i, (member, _) in enumerate(members)})
             for name, members in MIX_MEMBERS.items()}
-    for repo, name, repo_type, folder in llava_mix665k.ARCHIVES:
+    for repo, name, _, folder in llava_mix665k.ARCHIVES:
         key = {"gqa/images": "images.zip@gqa", "vg/VG_100K": "images.zip@vg"}.get(folder, name)
         hub_dataset(home, repo, {name: zips[key]})
 

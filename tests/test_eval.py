@@ -13,9 +13,8 @@ from PIL import Image
 import eval as eval_script
 import hub_models
 from data.shapes import ShapesConfig, generate
-from nanovlm import ImageProcessor, Tokenizer, VLM
-from nanovlm.benchmarks import (BadBenchmarkRecord, binary_metrics, load, option_letter, pope_answer, prompt,
-                                score)
+from nanovlm import VLM, ImageProcessor, Tokenizer
+from nanovlm.benchmarks import BadBenchmarkRecord, binary_metrics, load, option_letter, pope_answer, prompt, score
 from nanovlm.generate import Sampling, answer
 from nanovlm.image import load_image
 from nanovlm.templates import get_template

@@ -7,8 +7,16 @@ import torch
 import transformers
 
 import hub_models
-from nanovlm.lora import LoRALinear, add_lora, adapters_disabled, load_adapter, lora_layers, merge, save_adapter, \
-    unmerge
+from nanovlm.lora import (
+    LoRALinear,
+    adapters_disabled,
+    add_lora,
+    load_adapter,
+    lora_layers,
+    merge,
+    save_adapter,
+    unmerge,
+)
 from nanovlm.vlm import PEFT_RENAMES, PEFT_TO_MODULE, VLM
 from test_model import llava_batch
 

@@ -163,7 +163,8 @@ def test_mismatched_checkpoints_name_the_keys(tmp_path):
     save_file(state, path / "model.safetensors")
     with pytest.raises(ValueError) as e:
         LLM.from_pretrained(str(path))
-    for fragment in ("layers.1.mlp.up_proj.weight", "model.extra.weight", "model.norm.weight: checkpoint (65,) vs model (64,)"):
+    for fragment in ("layers.1.mlp.up_proj.weight", "model.extra.weight",
+                     "model.norm.weight: checkpoint (65,) vs model (64,)"):
         assert fragment in str(e.value)
 
 

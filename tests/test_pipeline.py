@@ -8,8 +8,17 @@ import torch
 import transformers
 
 import hub_models
-from nanovlm import ImageProcessor, Sampling, Tokenizer, VLM, generate, get_template, load_image, load_pretrained
-from nanovlm import tokenize_conversation
+from nanovlm import (
+    VLM,
+    ImageProcessor,
+    Sampling,
+    Tokenizer,
+    generate,
+    get_template,
+    load_image,
+    load_pretrained,
+    tokenize_conversation,
+)
 
 PHOTO = Path(__file__).parent / "fixtures" / "grace_hopper.jpg"
 

@@ -124,24 +124,23 @@ def reference_prototypes(m: PrototypeExtractor, x: torch.Tensor) -> torch.Tensor
     for xi in x:
         L, K = len(xi), m.num_prototypes
         bounds = [(math.floor(n * L / K), math.ceil((n + 1) * L / K)) for n in range(K)]
-        pool = lambda t: torch.stack([t[a:b].mean(0) for a, b in bounds])  # noqa: E731
         f, v = m.value(xi), m.key(xi)
-        c = pool(xi)
+        c = torch.stack([xi[a:b].mean(0) for a, b in bounds])
         for _ in range(m.iterations):
             c = m.centre(c)
-            a = torch.stack([torch.softmax(torch.stack([F.cosine_similarity(c[n], v[l], dim=0) for n in range(K)]), 0)
-                             for l in range(L)], 1)
+            a = torch.stack([torch.softmax(torch.stack([F.cosine_similarity(c[n], v[t], dim=0) for n in range(K)]), 0)
+                             for t in range(L)], 1)
             c = a @ f
-        cos = torch.stack([torch.stack([F.cosine_similarity(c[n], xi[l], dim=0) for l in range(L)]) for n in range(K)])
+        cos = torch.stack([torch.stack([F.cosine_similarity(c[n], xi[t], dim=0) for t in range(L)]) for n in range(K)])
         nearest = cos.argmax(0)
         s = torch.sigmoid(m.beta + m.alpha * cos)
-        pooled_f = pool(f)
+        pooled_f = torch.stack([f[a:b].mean(0) for a, b in bounds])
         rows = []
-        for l in range(L):
-            n = int(nearest[l])
+        for t in range(L):
+            n = int(nearest[t])
             members = [j for j in range(L) if int(nearest[j]) == n]
             p = (sum(s[n, j] * f[j] for j in members) + pooled_f[n]) / (len(members) + 1)
-            rows.append(xi[l] + s[n, l] * p)
+            rows.append(xi[t] + s[n, t] * p)
         out.append(torch.stack(rows))
     return torch.stack(out)
 

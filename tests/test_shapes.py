@@ -140,15 +140,15 @@ def test_eval_splits_follow_the_holdout(world_dir: Path):
 
 
 def test_answers_follow_from_the_objects(world_dir: Path):
-    objects = objects_of(world_dir)
+    objects, cell_size = objects_of(world_dir), SMALL.image_size // GRID
     for record in load(world_dir, "eval.json"):
-        assert record["answer"] == expected_answer(record["question"], objects[record["image"]], SMALL.image_size // GRID), record
+        assert record["answer"] == expected_answer(record["question"], objects[record["image"]], cell_size), record
     for record in load(world_dir, "instruct.json"):
         turns = record["conversations"]
         for human, gpt in zip(turns[::2], turns[1::2]):
             question = human["value"].removeprefix("<image>\n")
             if question != "Describe the image.":
-                assert gpt["value"] == expected_answer(question, objects[record["image"]], SMALL.image_size // GRID), question
+                assert gpt["value"] == expected_answer(question, objects[record["image"]], cell_size), question
 
 
 def test_captions_list_objects_left_to_right(world_dir: Path):
@@ -255,7 +255,7 @@ def test_probe_reads_every_stage_of_a_tiny_model(init: Path, world: Path):
     assert results["vision tower"]["column"] > 0.6 and results["vision tower"]["row"] > 0.6
 
 
-def test_show_draws_the_images_enlarged_and_a_model_answers_every_question(init: Path, world: Path, tmp_path: Path):
+def test_show_draws_the_images_enlarged_and_a_model_answers(init: Path, world: Path, tmp_path: Path):
     from data.shapes import SHOW_SCALE, model_answers, same, show
 
     picture = Image.open(show(world, 3, tmp_path / "truth.png")).convert("RGB")
@@ -265,7 +265,8 @@ def test_show_draws_the_images_enlarged_and_a_model_answers_every_question(init:
     assert picture.crop((12, 12, 12 + side, 12 + side)).tobytes() == enlarged.tobytes()  # the first image, top left
     assert picture.width > 2 * side and picture.height > 2 * side  # two columns, two rows
 
-    asked = [("images/eval_000000.png", "How many objects are there?"), ("images/eval_000001.png", "Describe the image.")]
+    asked = [("images/eval_000000.png", "How many objects are there?"),
+             ("images/eval_000001.png", "Describe the image.")]
     replies = model_answers(str(init), world, asked)
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
     with_model = Image.open(show(world, 3, tmp_path / "model.png", str(init))).convert("RGB")

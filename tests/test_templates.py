@@ -107,9 +107,8 @@ def _loss_spans(input_ids: list[int], labels: list[int]) -> list[list[int]]:
         ("plain", "llama", CAPTION, "\n"),
     ],
 )
-def test_tokenize_conversation(
-    request: pytest.FixtureRequest, name: str, tokenizer_name: str, conversation: list[dict], end_token: str
-) -> None:
+def test_tokenize_conversation(request: pytest.FixtureRequest, name: str, tokenizer_name: str, conversation: list[dict],
+                               end_token: str) -> None:
     tokenizer_dir = request.getfixturevalue(f"{tokenizer_name}_tokenizer_dir")
     tok = Tokenizer.from_dir(tokenizer_dir)
     ref = _reference(tokenizer_dir)
