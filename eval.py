@@ -6,6 +6,7 @@ run generates greedily in batches with the KV cache, prints a table and writes e
 nanovlm/benchmarks.py.
 
     python eval.py out/tiny/sft --task shapes                       # the shapes world's eval split
+    python eval.py out/tiny/iccc --task caption_ranking             # true captions against corrupted ones
     python eval.py llava-hf/llava-1.5-7b-hf --task pope --data out/pope/pope.jsonl
     python eval.py out/tiny/sft --image out/shapes/images/eval_000000.png --prompt "How many objects are there?"
     python eval.py out/tiny/selfq --image out/shapes/images/eval_000000.png --self_questions 3   # SQ-LLaVA
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from data import caption_ranking as caption_ranking_data
 from data import shapes_eval
-from nanovlm import benchmarks
+from nanovlm import benchmarks, caption_ranking
 from nanovlm.checkpoint import write_json
 from nanovlm.generate import Sampling, answer
 from nanovlm.image import load_image
@@ -32,7 +34,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="nanovlm checkpoint directory, llava-hf repo id or local llava-hf directory")
     parser.add_argument("--task", choices=benchmarks.TASKS, default="shapes")
-    parser.add_argument("--data", help=f"benchmark file (shapes: default {SHAPES_DIR / 'eval.json'})")
+    parser.add_argument("--data", help=f"benchmark file (shapes: default {SHAPES_DIR / 'eval.json'}; caption_ranking: "
+                        f"default the shapes world's eval captions, {SHAPES_DIR / 'caption_ranking.jsonl'})")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N records")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -80,6 +83,11 @@ def main(argv: list[str] | None = None) -> dict | str | list[str]:
         world = Path(args.data).parent if args.data else SHAPES_DIR
         scores, predictions = shapes_eval.evaluate(model, tokenizer, processor, world, args.batch_size, args.limit)
         table = shapes_eval.format_table(scores)
+    elif args.task == "caption_ranking":  # likelihoods, not generation
+        benchmark = benchmarks.load(args.task, args.data or caption_ranking_data.shapes_benchmark(SHAPES_DIR),
+                                    args.limit)
+        scores, predictions = caption_ranking.evaluate(model, tokenizer, processor, benchmark, args.batch_size)
+        table = caption_ranking.format_table(scores)
     else:
         if not args.data:
             raise SystemExit(f"--data is required for --task {args.task}")

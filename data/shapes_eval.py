@@ -78,20 +78,26 @@ def report(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, world_di
     return scores
 
 
-def compare(variants: dict[str, list[dict]], split: str = "in_distribution") -> str:
-    """A markdown table comparing training variants, each run with several seeds: mean ± standard deviation
-    (over seeds, n - 1 in the denominator) of every question type's accuracy; variants as columns."""
-    rows = ["| question | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
-    for qtype in EVAL_TYPES + ("overall",):
+def seeds_table(header: str, rows: list[str], variants: dict[str, list[dict]], value) -> str:
+    """A markdown table comparing training variants, each run with several seeds: per row, the mean ± standard
+    deviation (over seeds, n - 1 in the denominator) of value(run, row), a fraction shown in percent (runs where
+    it is None are left out); variants as columns."""
+    lines = [f"| {header} | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+    for row in rows:
         cells = []
         for runs in variants.values():
-            values = [100 * run[split][qtype] for run in runs]
+            values = [100 * v for run in runs if (v := value(run, row)) is not None]
             mean = sum(values) / len(values)
             spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
             cells.append(f"{mean:.1f} ± {spread:.1f}")
-        rows.append(f"| {qtype} | " + " | ".join(cells) + " |")
-    rows.append("| seeds | " + " | ".join(str(len(runs)) for runs in variants.values()) + " |")
-    return "\n".join(rows)
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines.append("| seeds | " + " | ".join(str(len(runs)) for runs in variants.values()) + " |")
+    return "\n".join(lines)
+
+
+def compare(variants: dict[str, list[dict]], split: str = "in_distribution") -> str:
+    """Every question type's accuracy over seeds, per variant (`seeds_table`)."""
+    return seeds_table("question", [*EVAL_TYPES, "overall"], variants, lambda run, qtype: run[split][qtype])
 
 
 def main(argv: list[str] | None = None) -> str:

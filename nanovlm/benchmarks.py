@@ -12,6 +12,8 @@ Tasks and their JSONL lines (one question per line; image paths relative to the 
   F1 and the share of "yes" answers, per category and overall (Li et al., EMNLP 2023).
 - `caption` (COCO Karpathy, NoCaps, Flickr30k): {"image_id", "image", "references": [...]}; BLEU-4 and CIDEr-D
   (nanovlm/caption_metrics.py).
+- `caption_ranking`: {"id", "image", "caption", "negatives": {kind: caption}}; no generation: the true caption
+  against corrupted ones by log-likelihood, accuracy per corruption kind (nanovlm/caption_ranking.py).
 
 The prompts are LLaVA-1.5's evaluation prompts, so a llava-hf checkpoint scores as in its paper's setting.
 """
@@ -33,13 +35,14 @@ from .vqa_accuracy import vqa_accuracy
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
-TASKS = ("shapes", "vqa", "mc", "pope", "caption")
+TASKS = ("shapes", "vqa", "mc", "pope", "caption", "caption_ranking")
 REQUIRED = {
     "shapes": ("id", "image", "question", "answer", "type", "split"),
     "vqa": ("question_id", "image", "question", "answers"),
     "mc": ("question_id", "question", "options", "answer"),
     "pope": ("question_id", "image", "question", "label"),
     "caption": ("image_id", "image", "references"),
+    "caption_ranking": ("id", "image", "caption", "negatives"),
 }
 
 
@@ -101,6 +104,9 @@ def check(task: str, record, place: str, folder: Path) -> None:
     if task == "mc" and not (isinstance(record["answer"], str) and len(record["answer"]) == 1
                              and 0 <= ord(record["answer"]) - ord("A") < len(record["options"])):
         raise BadBenchmarkRecord(f"{place}: answer {record['answer']!r} is not the letter of one of its options")
+    if task == "caption_ranking" and not (isinstance(record["negatives"], dict) and record["negatives"] and all(
+            isinstance(v, str) for v in [record["caption"], *record["negatives"].values()])):
+        raise BadBenchmarkRecord(f"{place}: negatives must be a non-empty object of kind -> caption (strings)")
     if task == "pope" and record["label"] not in ("yes", "no"):
         raise BadBenchmarkRecord(f"{place}: label must be 'yes' or 'no', got {record['label']!r}")
     if record.get("image") and not (folder / record["image"]).is_file():

@@ -85,7 +85,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         for index, record in enumerate(records):
             where = f"{source.path} record {index}"
             try:
-                check_record(record, folder)
+                self.check(record, folder)
             except BadRecord as e:
                 if not self.skip_bad:
                     raise BadRecord(f"{where}: {e}") from None
@@ -94,6 +94,15 @@ class LLaVADataset(torch.utils.data.Dataset):
             kept.append((record, folder, where))
         whole, fraction = divmod(source.weight, 1)
         return kept * int(whole) + rng.sample(kept, round(fraction * len(kept)))
+
+    def check(self, record, image_folder: Path) -> None:
+        """Raise BadRecord saying what is wrong with a record; a recipe's dataset may demand more."""
+        check_record(record, image_folder)
+
+    def conversation(self, index: int) -> list[dict]:
+        """The turns a record is trained on this epoch (a recipe's dataset may rewrite them as they load)."""
+        return to_self_questioning(self.records[index][0]["conversations"], self.sq_ratio,
+                                   turn_rng(self.seed, index, self.epoch))
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the training loop before each epoch: per-epoch draws (visual-user turns) depend on it."""
@@ -116,10 +125,9 @@ class LLaVADataset(torch.utils.data.Dataset):
             if self.skip_bad:
                 return None  # counted by collate
             raise BadRecord(f"{where}: {e}") from None
-        conversation = to_self_questioning(record["conversations"], self.sq_ratio,
-                                           turn_rng(self.seed, index, self.epoch))
         try:
-            ids, labels = tokenize_conversation(self.tokenizer, self.template, conversation, self.num_image_tokens)
+            ids, labels = tokenize_conversation(self.tokenizer, self.template, self.conversation(index),
+                                                self.num_image_tokens)
         except ValueError as e:  # a turn the template cannot render, e.g. a VUSER turn without v1_sq
             raise BadRecord(f"{where}: {e}") from None
         return truncate(ids, labels, pixels, self.max_length, self.tokenizer.image_token_id, self.num_image_tokens)

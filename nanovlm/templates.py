@@ -32,6 +32,8 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 
 TEMPLATES: dict[str, Template] = {
     "plain": Template(name="plain", system="", user="{}", assistant="{}\n", stop_str="\n", image_only_user=True),
+    # `plain` that keeps the human text: the image, the text, a newline, the answer (ICCC, nanovlm/iccc.py)
+    "plain_prompt": Template(name="plain_prompt", system="", user="{}\n", assistant="{}\n", stop_str="\n"),
     "vicuna_v1": Template(
         name="vicuna_v1",
         system=VICUNA_SYSTEM + " ",

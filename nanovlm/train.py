@@ -45,6 +45,7 @@ class TrainConfig:
     lr: dict[str, float] = field(default_factory=dict)  # parameter group -> learning rate; absent groups freeze
     weight_decay: float = 0.0  # AdamW's, on matrices only (never on norms and biases)
     warmup_ratio: float = 0.03  # share of the steps with a linear warmup, before the cosine decay
+    warmup_steps: int = 0  # > 0: this many warmup steps instead of warmup_ratio
     min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # maximum norm of all trained parameters' gradient
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
@@ -83,7 +84,7 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} records are fewer than one global batch of {cfg.global_batch_size}")
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    warmup = max(1, round(cfg.warmup_ratio * total))
+    warmup = cfg.warmup_steps or max(1, round(cfg.warmup_ratio * total))
 
     step = 0
     if cfg.resume and checkpoints(out_dir):

@@ -7,12 +7,13 @@ import re
 import pytest
 
 import train_align
+import train_iccc
 import train_selfq
 import train_sft
 from nanovlm.config import field_comments, show_value
 from nanovlm.recipe import parse
 
-SCRIPTS = {"align": train_align, "sft": train_sft, "selfq": train_selfq}
+SCRIPTS = {"align": train_align, "sft": train_sft, "selfq": train_selfq, "iccc": train_iccc}
 
 
 @pytest.mark.parametrize("stage", SCRIPTS)

@@ -22,6 +22,8 @@ NUM_IMAGE_TOKENS = 7
 
 RENDERED = {
     "plain": "<image>A white cat sits on the mat.\nIt is red.\nTwo dogs and a child, near 12 cars.\n",
+    "plain_prompt": "<image>\nWhat is in the picture?\nA white cat sits on the mat.\nWhat color is the chair?\n"
+    "It is red.\nDescribe the street.\nTwo dogs and a child, near 12 cars.\n",
     "vicuna_v1": "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat is in the picture? "
     "ASSISTANT: A white cat sits on the mat.</s>USER: What color is the chair? ASSISTANT: It is red.</s>"
@@ -42,6 +44,7 @@ RENDERED = {
 }
 TRAINED = {  # the exact text of each loss span
     "plain": [a + "\n" for a in ANSWERS],
+    "plain_prompt": [a + "\n" for a in ANSWERS],
     "vicuna_v1": [f" {a}</s>" for a in ANSWERS],
     "chatml": [f"{a}<|im_end|>" for a in ANSWERS],
     "mistral_instruct": [f" {a}</s>" for a in ANSWERS],
@@ -49,6 +52,7 @@ TRAINED = {  # the exact text of each loss span
 }
 GENERATION_PROMPT_END = {
     "plain": "It is red.\n",
+    "plain_prompt": "It is red.\nDescribe the street.\n",
     "vicuna_v1": "USER: Describe the street. ASSISTANT:",
     "chatml": "<|im_start|>user\nDescribe the street.<|im_end|>\n<|im_start|>assistant\n",
     "mistral_instruct": "[INST] Describe the street. [/INST]",
