@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--data is required for the {run.preset} preset (LLaVA caption JSON, e.g. "
                          f"blip_laion_cc_sbu_558k.json or coco_karpathy_train.json)")
     data = CaptionCorrectionDataset(run.data, tokenizer, get_template("plain_prompt"), processor,
-                                    model.cfg.vision.num_image_tokens(), run.cfg.max_length, run.cfg.seed,
+                                    model.cfg.num_image_tokens(), run.cfg.max_length, run.cfg.seed,
                                     run.cfg.skip_bad_records, settings=run.method)
     if run.env.main:
         print(f"concept bank over {data.bank.captions} captions, frequent of distinct: {data.bank.summary()}")

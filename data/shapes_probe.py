@@ -51,7 +51,7 @@ def stage_features(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor,
     """stage name -> (images, image tokens, hidden size) features of every image token at that stage."""
     template = get_template(model.cfg.template)
     conversation = [{"from": "human", "value": "<image>\nDescribe the image."}]
-    num_tokens = model.cfg.vision.num_image_tokens()
+    num_tokens = model.cfg.num_image_tokens()
     ids, _ = tokenize_conversation(tokenizer, template, conversation, num_tokens, generation_prompt=True)
     first = ids.index(model.cfg.image_token_id)
     image_slice = slice(first, first + num_tokens)
@@ -79,7 +79,7 @@ def probe(model_dir: str, world_dir: Path, images: int = 2000) -> dict[str, dict
     """stage -> {"column": accuracy, "row": accuracy} for the objects of the first `images` training images."""
     model, tokenizer, processor = load_pretrained(model_dir)
     model.eval()
-    if model.cfg.vision.select_feature != "patch" or model.cfg.vision.num_image_tokens() != GRID * GRID:
+    if model.cfg.vision.select_feature != "patch" or model.cfg.num_image_tokens() != GRID * GRID:
         raise SystemExit(f"{model_dir}: the probe needs one image token per grid cell ({GRID * GRID} patch tokens)")
     objects = json.loads((world_dir / "objects.json").read_text())
     paths = [p for p in objects if Path(p).name.startswith("train_")][:images]

@@ -36,7 +36,7 @@ def caption_logprobs(model: VLM, tokenizer: Tokenizer, pixels: torch.Tensor, cap
     samples = []
     for caption in captions:
         conversation = [{"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": caption}]
-        ids, labels = tokenize_conversation(tokenizer, template, conversation, model.cfg.vision.num_image_tokens())
+        ids, labels = tokenize_conversation(tokenizer, template, conversation, model.cfg.num_image_tokens())
         samples.append({"input_ids": ids, "labels": labels, "pixel_values": None})
     batch = collate(samples, tokenizer.pad_id)
     device = model.language_model.embed_tokens.weight.device

@@ -97,12 +97,14 @@ def brief(items: list[str], shown: int = 8) -> str:
 
 
 def load_renamed(model: nn.Module, path: Path, renames: list[tuple[str, str]], dtype: torch.dtype,
-                 device: str | torch.device = "cpu", skip: tuple[str, ...] = ()) -> None:
+                 device: str | torch.device = "cpu", skip: tuple[str, ...] = (), reshape: tuple[str, ...] = ()) -> None:
     """Load checkpoint `path` into `model` (built on the meta device) strictly, after renaming its keys.
 
     Every parameter must be found with its exact shape, and every checkpoint tensor must be used (but for
     IGNORED_KEYS); otherwise the error names all the offending keys. Parameters whose names start with one of
-    `skip` are left to the caller (tied weights). Tensors are cast to `dtype` and moved to `device`.
+    `skip` are left to the caller (tied weights); those named in `reshape` take a tensor of another shape with
+    as many elements (a layout that stores them with extra unit dimensions). Tensors are cast to `dtype` and
+    moved to `device`.
     """
     state, source, unexpected = {}, {}, []
     for key, tensor in read_weights(path, keep=lambda k: not any(p in k for p in IGNORED_KEYS)).items():
@@ -115,11 +117,13 @@ def load_renamed(model: nn.Module, path: Path, renames: list[tuple[str, str]], d
     missing = sorted(set(expected) - set(state))
     unexpected += sorted(source[k] for k in set(state) - set(expected))
     wrong = [f"{source[k]}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+             for k, v in expected.items() if k in state and state[k].shape != v.shape
+             and not (k in reshape and state[k].numel() == v.numel())]
     if missing or unexpected or wrong:
         raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}:\n  missing keys: {brief(missing)}"
                          f"\n  unexpected keys: {brief(unexpected)}\n  wrong shapes: {brief(wrong)}")
-    state = {k: state[k].to(device=device, dtype=dtype if state[k].is_floating_point() else None) for k in expected}
+    state = {k: state[k].reshape(v.shape).to(device=device, dtype=dtype if state[k].is_floating_point() else None)
+             for k, v in expected.items()}
     model.load_state_dict(state, strict=False, assign=True)
 
 

@@ -115,7 +115,7 @@ def answer(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, template
     for start in tqdm(range(0, len(questions), batch_size), disable=not progress, desc="answering"):
         chunk = questions[start:start + batch_size]
         prompts = [tokenize_conversation(tokenizer, template, [{"from": "human", "value": question}],
-                                         model.cfg.vision.num_image_tokens(), generation_prompt=True)[0]
+                                         model.cfg.num_image_tokens(), generation_prompt=True)[0]
                    for _, question in chunk]
         images = [processor(load_image(image) if isinstance(image, (str, Path)) else image)
                   for image, _ in chunk if image is not None]

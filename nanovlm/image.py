@@ -3,6 +3,10 @@
 `ImageProcessor` reproduces transformers' slow (PIL) `CLIPImageProcessor` bit for bit: resize the short side
 with PIL bicubic, center-crop, rescale to [0, 1], normalise. LLaVA-1.5 first pads each image to a square
 filled with the mean colour (`image_aspect_ratio="pad"`), so nothing is cropped away.
+
+With `multi_scale` (SPHINX-1K, Lin et al., 2023) the same steps run at twice the size (a 448 square for a 224
+tower), and the image becomes five views of the tower's size, in this order: the whole square downsampled
+(PIL bicubic), then its top-left, top-right, bottom-left and bottom-right quadrants at full resolution.
 """
 
 import json
@@ -16,6 +20,8 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -56,6 +62,14 @@ def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
     return pixels[top : top + size, left : left + size]
 
 
+def sub_images(pixels: np.ndarray, resample: Image.Resampling) -> list[np.ndarray]:
+    """SPHINX-1K's five (s, s, C) views of a (2s, 2s, C) image: the whole downsampled, then the quadrants
+    top-left, top-right, bottom-left, bottom-right."""
+    s = pixels.shape[0] // 2
+    whole = np.asarray(Image.fromarray(pixels).resize((s, s), resample, reducing_gap=None))
+    return [whole, pixels[:s, :s], pixels[:s, s:], pixels[s:, :s], pixels[s:, s:]]
+
+
 @dataclass
 class ImageProcessor:
     size: int = 336  # the short side after resizing
@@ -64,31 +78,40 @@ class ImageProcessor:
     std: tuple[float, float, float] = CLIP_STD
     pad_to_square: bool = True
     resample: Image.Resampling = Image.Resampling.BICUBIC
+    multi_scale: bool = False  # SPHINX-1K's five views of a twice-as-large image instead of one
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Preprocess one image into a float32 (3, crop_size, crop_size) tensor."""
+        """Preprocess one image into a float32 (3, crop_size, crop_size) tensor, or (5, 3, crop_size, crop_size)
+        views with multi_scale."""
         image = to_rgb(image)
         if self.pad_to_square:
             # LLaVA truncates rather than rounds: CLIP's mean becomes (122, 116, 104)
             image = expand_to_square(image, tuple(int(m * 255) for m in self.mean))
+        scale = 2 if self.multi_scale else 1
         width, height = image.size
-        long = int(self.size * max(width, height) / min(width, height))
-        new_size = (self.size, long) if width <= height else (long, self.size)
-        pixels = center_crop(np.asarray(image.resize(new_size, self.resample, reducing_gap=None)), self.crop_size)
+        short = scale * self.size
+        long = int(short * max(width, height) / min(width, height))
+        new_size = (short, long) if width <= height else (long, short)
+        pixels = center_crop(np.asarray(image.resize(new_size, self.resample, reducing_gap=None)),
+                             scale * self.crop_size)  # (H, W, 3) uint8
+        if self.multi_scale:
+            pixels = np.stack(sub_images(pixels, self.resample))  # (5, H / 2, W / 2, 3)
         # Same precision as transformers: rescale in float64, then cast and normalise in float32.
         pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
         pixels = (pixels - np.array(self.mean, np.float32)) / np.array(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(pixels, -1, -3)))  # channels first
 
     def batch(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self(image) for image in images])
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike, image_size: int, pad_to_square: bool = True) -> "ImageProcessor":
-        """Read `path/preprocessor_config.json` if present, else CLIP defaults at `image_size`."""
+    def from_dir(cls, path: str | os.PathLike, image_size: int, pad_to_square: bool = True,
+                 multi_scale: bool = False) -> "ImageProcessor":
+        """Read `path/preprocessor_config.json` if present, else CLIP defaults at `image_size`. The model's config
+        holds pad_to_square and multi_scale, which CLIP's preprocessor config has no fields for."""
         config_path = Path(path) / "preprocessor_config.json"
         if not config_path.exists():
-            return cls(size=image_size, crop_size=image_size, pad_to_square=pad_to_square)
+            return cls(size=image_size, crop_size=image_size, pad_to_square=pad_to_square, multi_scale=multi_scale)
         config = json.loads(config_path.read_text())
         size, crop = config.get("size", image_size), config.get("crop_size", image_size)
         if isinstance(size, dict) and "shortest_edge" not in size:
@@ -102,6 +125,7 @@ class ImageProcessor:
             std=tuple(config.get("image_std", CLIP_STD)),
             pad_to_square=pad_to_square,
             resample=Image.Resampling(config.get("resample", Image.Resampling.BICUBIC)),
+            multi_scale=multi_scale,
         )
 
     def save(self, path: str | os.PathLike) -> None:

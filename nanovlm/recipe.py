@@ -89,7 +89,7 @@ def dataset(run: Run, model: VLM, tokenizer: Tokenizer, processor: ImageProcesso
             sq_ratio: float = 0.0) -> LLaVADataset:
     if not run.data:
         raise SystemExit(f"--data is required for the {run.preset} preset")
-    return LLaVADataset(run.data, tokenizer, get_template(template), processor, model.cfg.vision.num_image_tokens(),
+    return LLaVADataset(run.data, tokenizer, get_template(template), processor, model.cfg.num_image_tokens(),
                         run.cfg.max_length, run.cfg.seed, run.cfg.skip_bad_records, sq_ratio)
 
 
@@ -97,7 +97,8 @@ def fit(run: Run, model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, d
         objective: Objective | None = None) -> list[dict]:
     """Train, then write the finished model (llava-hf layout) and a summary from rank 0."""
     model.language_model.gradient_checkpointing = run.cfg.gradient_checkpointing
-    model.vision_tower.gradient_checkpointing = run.cfg.gradient_checkpointing
+    for tower in model.vision_towers:
+        tower.gradient_checkpointing = run.cfg.gradient_checkpointing
     if data.skipped and run.env.main:
         print(f"skipped bad records: {data.skipped}")
     history = train(run.cfg, objective or Objective(model), model.parameter_groups(), data, tokenizer.pad_id, run.env)

@@ -60,7 +60,7 @@ def ask_questions(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, t
     prompt = IMAGE_PLACEHOLDER + "\n" + DESCRIBE
     [description] = answer(model, tokenizer, processor, template, [(image, prompt)], Sampling(max_new_tokens=256))
     conversation = [{"from": "human", "value": prompt}, {"from": "gpt", "value": description}]
-    ids = tokenize_conversation(tokenizer, template, conversation, model.cfg.vision.num_image_tokens())[0]
+    ids = tokenize_conversation(tokenizer, template, conversation, model.cfg.num_image_tokens())[0]
     # </s> is a special token, so encoding the prefix on its own gives the ids it gets inside the whole text.
     ids += tokenizer.encode(template.vuser_prefix)
     pixels = processor(image)[None].to(model.language_model.embed_tokens.weight.device)

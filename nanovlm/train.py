@@ -69,6 +69,10 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
     unknown = set(cfg.lr) - set(groups)
     if unknown:
         raise ValueError(f"learning rates for unknown parameter groups {sorted(unknown)}; groups: {sorted(groups)}")
+    chosen = [name for g in cfg.lr for name, _ in groups[g]]
+    if len(chosen) != len(set(chosen)):
+        raise ValueError(f"the learning-rate groups {sorted(cfg.lr)} share parameters: name a part as a whole "
+                         f"(vision) or by its pieces (vision0, vision1), not both")
     for p in objective.parameters():
         p.requires_grad_(False)
     trainable = {name: p for g in cfg.lr for name, p in groups[g]}

@@ -1,16 +1,33 @@
 """The vision-language model: vision tower -> projector -> LLM, as in LLaVA (Liu et al., NeurIPS 2023).
 
-The tokenizer expands every `<image>` placeholder into as many image-token ids as the vision tower yields
-features; `embed` overwrites those positions with the projected features, image after image in reading order
-(across the batch, as llava-hf does). Samples without images sit in the same batch unchanged.
+The tokenizer expands every `<image>` placeholder into `VLMConfig.num_image_tokens()` image-token ids; `embed`
+overwrites those positions with the projected features, image after image in reading order (across the batch,
+as llava-hf does). Samples without images sit in the same batch unchanged.
+
+SPHINX's visual side (Lin et al., 2023) rides on the same path, each part optional:
+- mixed visual embeddings (`extra_vision`): more towers see the same pixels (normalised by the image processor
+  for the first tower, re-normalised to the mean and std each other tower was pretrained with, as SPHINX feeds
+  DINOv2 ImageNet's), and their selected features are concatenated along channels with the first tower's,
+  token by token, before one projector. A tower whose patch grid differs from the first tower's is resampled
+  to it by area: a finer grid is averaged over the patches that cover each cell, a coarser one repeated (as
+  SPHINX repeats ConvNeXt's 8x8 grid to 16x16); class tokens, if selected, are concatenated as they are.
+  CLIP ViT-L/14 and DINOv2-L/14 at 224 px both give 16x16: nothing is resampled there.
+- multi-scale sub-images (`multi_scale`): the image processor gives five views per image (nanovlm/image.py);
+  every view of every image goes through each tower in one batched call, and an image's tokens are its views'
+  tokens one after the other: global, top-left, top-right, bottom-left, bottom-right.
+Where this departs from SPHINX (LLaMA2-Accessory): no Q-Former tokens and no ConvNeXt tower, no learned
+start/end embeddings around each view, and the image sits where the template puts `<image>`, as in LLaVA, not
+right after BOS.
 
 One checkpoint format, read and written by the end of this file: the llava-hf layout (config.json with
 model_type "llava", model.safetensors, tokenizer and preprocessor files), which transformers'
 LlavaForConditionalGeneration loads as is. nanovlm-only settings (projector kind, chat template, pad-to-square,
-prototypes) ride along under the "nanovlm" key of config.json.
+prototypes, SPHINX's extra towers and views) ride along under the "nanovlm" key of config.json, and the extra
+towers' weights under `extra_vision_towers.{i}.*` in nanovlm's own module names; a model using any of them
+loads in nanovlm only.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +53,33 @@ class VLMConfig:
     template: str = "vicuna_v1"
     pad_to_square: bool = True  # LLaVA-1.5's image_aspect_ratio="pad"
     prototypes: int = 0  # SQ-LLaVA's prototype extractor with this many centres; 0: none
+    extra_vision: list[VisionConfig] = field(default_factory=list)  # SPHINX: more towers, features joined by channel
+    multi_scale: bool = False  # SPHINX-1K: five views per image (global, then four quadrants of a 2x image)
+
+    def __post_init__(self) -> None:
+        if any(tower.select_feature != self.vision.select_feature for tower in self.extra_vision):
+            raise ValueError("every vision tower must select the same tokens (select_feature), to be concatenated")
+
+    @property
+    def towers(self) -> list[VisionConfig]:
+        return [self.vision, *self.extra_vision]
+
+    @property
+    def feature_size(self) -> int:
+        """The width of the features the projector takes: every tower's, concatenated."""
+        return sum(tower.hidden_size for tower in self.towers)
+
+    def image_grid(self, image_size: int | None = None) -> tuple[int, int, int]:
+        """(views, rows, columns): an image's tokens are `views` blocks, each [class token +] rows x columns
+        patches in row-major order, on the first tower's grid; image_size is a view's side (default the first
+        tower's image size)."""
+        rows, columns = self.vision.grid(image_size or self.vision.image_size, image_size or self.vision.image_size)
+        return (5 if self.multi_scale else 1), rows, columns
+
+    def num_image_tokens(self, image_size: int | None = None) -> int:
+        """How many image-token ids one `<image>` becomes: every count of image tokens comes from here."""
+        views, rows, columns = self.image_grid(image_size)
+        return views * (rows * columns + (self.vision.select_feature == "cls_patch"))
 
     @classmethod
     def from_hf(cls, hf: dict) -> "VLMConfig":
@@ -48,25 +92,30 @@ class VLMConfig:
             raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}")
         if hf.get("projector_hidden_act", "gelu") != "gelu" or not hf.get("multimodal_projector_bias", True):
             raise ValueError("only llava's GELU projector with biases is supported")
-        vision = VisionConfig.from_hf(hf.get("vision_config") or LLAVA_DEFAULT_VISION, select_layer=layer,
-                                      select_feature=SELECT_STRATEGIES[strategy])
         extra = hf.get("nanovlm", {})
+        vision = VisionConfig.from_hf(hf.get("vision_config") or LLAVA_DEFAULT_VISION, select_layer=layer,
+                                      select_feature=SELECT_STRATEGIES[strategy],
+                                      select_norm=extra.get("select_norm", False))
         return cls(vision=vision, llm=LLMConfig.from_hf(hf.get("text_config") or {}),
                    image_token_id=hf.get("image_token_index", hf.get("image_token_id", 32000)),
                    projector=extra.get("projector", "mlp2x_gelu"), template=extra.get("template", "vicuna_v1"),
-                   pad_to_square=extra.get("pad_to_square", True), prototypes=extra.get("prototypes", 0))
+                   pad_to_square=extra.get("pad_to_square", True), prototypes=extra.get("prototypes", 0),
+                   extra_vision=[VisionConfig(**tower) for tower in extra.get("extra_vision", [])],
+                   multi_scale=extra.get("multi_scale", False))
 
     def to_hf(self) -> dict:
         strategy = {v: k for k, v in SELECT_STRATEGIES.items()}[self.vision.select_feature]
         return {
             "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
             "vision_config": self.vision.to_hf(), "text_config": self.llm.to_hf(),
-            "image_token_index": self.image_token_id, "image_seq_length": self.vision.num_image_tokens(),
+            "image_token_index": self.image_token_id, "image_seq_length": self.num_image_tokens(),
             "vision_feature_layer": self.vision.select_layer, "vision_feature_select_strategy": strategy,
             "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
             "tie_word_embeddings": self.llm.tie_word_embeddings,
             "nanovlm": {"projector": self.projector, "template": self.template, "pad_to_square": self.pad_to_square,
-                        "prototypes": self.prototypes},
+                        "prototypes": self.prototypes, "select_norm": self.vision.select_norm,
+                        "extra_vision": [asdict(tower) for tower in self.extra_vision],
+                        "multi_scale": self.multi_scale},
         }
 
 
@@ -75,25 +124,48 @@ class VLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = VisionTower(cfg.vision)
+        self.extra_vision_towers = nn.ModuleList(VisionTower(tower) for tower in cfg.extra_vision)  # SPHINX's
         # Only SQ-LLaVA models have it; transformers' Llava has no such module and ignores its weights.
-        self.prototype_extractor = (PrototypeExtractor(cfg.vision.hidden_size, cfg.prototypes) if cfg.prototypes
+        self.prototype_extractor = (PrototypeExtractor(cfg.feature_size, cfg.prototypes) if cfg.prototypes
                                     else None)
-        self.multi_modal_projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.llm.hidden_size)
+        self.multi_modal_projector = Projector(cfg.projector, cfg.feature_size, cfg.llm.hidden_size)
         self.language_model = LLM(cfg.llm)
 
+    @property
+    def vision_towers(self) -> list[VisionTower]:
+        return [self.vision_tower, *self.extra_vision_towers]
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, tokens, llm hidden) image embeddings."""
-        features = self.vision_tower(pixel_values)  # (N, tokens, vision hidden)
+        """(N, 3, S, S) images, or (N, 5, 3, S, S) views of each with multi_scale -> (N, image tokens, llm hidden)."""
+        if self.cfg.multi_scale and (pixel_values.ndim != 5 or pixel_values.shape[1] != 5):
+            raise ValueError(f"a multi-scale model takes (N, 5, 3, S, S) views, got {tuple(pixel_values.shape)}")
+        if not self.cfg.multi_scale and pixel_values.ndim != 4:
+            raise ValueError(f"this model takes (N, 3, S, S) images, got {tuple(pixel_values.shape)}")
+        views = pixel_values.flatten(0, -4)  # (N * views, 3, S, S): one call per tower for every view of every image
+        features = torch.cat([self.tower_features(tower, views) for tower in self.vision_towers], dim=-1)
+        features = features.reshape(len(pixel_values), -1, self.cfg.feature_size)  # (N, views * tokens, features)
         if self.prototype_extractor is not None:
             features = self.prototype_extractor(features)  # same shape
-        return self.multi_modal_projector(features)  # (N, tokens, llm hidden)
+        return self.multi_modal_projector(features)  # (N, image tokens, llm hidden)
+
+    def tower_features(self, tower: VisionTower, pixels: torch.Tensor) -> torch.Tensor:
+        """(M, 3, H, W) pixels normalised for the first tower -> (M, tokens, tower hidden): `tower`'s features on
+        the first tower's grid."""
+        features = tower(renormalize(pixels, self.cfg.vision.pixel_stats, tower.cfg.pixel_stats))
+        grid, own_grid = self.cfg.vision.grid(*pixels.shape[-2:]), tower.cfg.grid(*pixels.shape[-2:])
+        if own_grid == grid:
+            return features
+        cls = features.shape[1] - own_grid[0] * own_grid[1]  # 1 with the class token, else 0
+        patches = features[:, cls:].transpose(1, 2).unflatten(2, own_grid)  # (M, hidden, own rows, own columns)
+        patches = F.interpolate(patches, size=grid, mode="area")  # (M, hidden, rows, columns)
+        return torch.cat([features[:, :cls], patches.flatten(2).transpose(1, 2)], dim=1)  # (M, tokens, hidden)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) token ids and (N, 3, H, W) images -> (B, T, llm hidden) input embeddings."""
+        """(B, T) token ids and (N, 3, S, S) images (or (N, 5, 3, S, S) views) -> (B, T, llm hidden) embeddings."""
         is_image = input_ids == self.cfg.image_token_id  # (B, T)
         # The image id may lie past the vocabulary (added to the tokenizer only), so never look it up.
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, D)
-        n_features = 0 if pixel_values is None else len(pixel_values) * self.cfg.vision.num_image_tokens(
+        n_features = 0 if pixel_values is None else len(pixel_values) * self.cfg.num_image_tokens(
             pixel_values.shape[-1])
         if int(is_image.sum()) != n_features:
             raise ValueError(f"the batch has {int(is_image.sum())} image-token positions but its "
@@ -122,24 +194,28 @@ class VLM(nn.Module):
         return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """The named parameters of each part, the unit a recipe trains or freezes: vision, projector, llm,
-        prototypes (if any) and the LoRA adapters of a part as their own group (vision_lora, llm_lora)."""
-        parts = {"vision": "vision_tower", "projector": "multi_modal_projector", "llm": "language_model",
-                 "prototypes": "prototype_extractor"}
+        """The named parameters of each part, the unit a recipe trains or freezes: vision (every tower),
+        projector, llm, prototypes (if any), and the LoRA adapters of a part as their own group (vision_lora,
+        llm_lora). A model with several towers also has vision0, vision1, ...: one tower each, so that a recipe
+        trains all towers alike (vision) or each its own way; the training loop refuses groups that overlap."""
+        towers = ["vision_tower"] + [f"extra_vision_towers.{i}" for i in range(len(self.extra_vision_towers))]
+        parts = {"vision": towers, "projector": ["multi_modal_projector"], "llm": ["language_model"],
+                 "prototypes": ["prototype_extractor"] if self.prototype_extractor is not None else []}
+        if len(towers) > 1:
+            parts |= {f"vision{i}": [tower] for i, tower in enumerate(towers)}
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
-        for group, attribute in parts.items():
-            if getattr(self, attribute) is None:
-                continue
-            groups[group] = []
-            for name, p in getattr(self, attribute).named_parameters(prefix=attribute):
-                groups.setdefault(group + "_lora" if is_lora_parameter(name) else group, []).append((name, p))
+        for group, modules in parts.items():
+            for module in modules:
+                groups.setdefault(group, [])
+                for name, p in self.get_submodule(module).named_parameters(prefix=module):
+                    groups.setdefault(group + "_lora" if is_lora_parameter(name) else group, []).append((name, p))
         return groups
 
     def add_prototype_extractor(self, num_prototypes: int) -> None:
         """Put a new SQ-LLaVA prototype extractor between the vision tower and the projector."""
         self.cfg.prototypes = num_prototypes
         weight = self.multi_modal_projector.linear_1.weight
-        self.prototype_extractor = PrototypeExtractor(self.cfg.vision.hidden_size, num_prototypes).to(
+        self.prototype_extractor = PrototypeExtractor(self.cfg.feature_size, num_prototypes).to(
             device=weight.device, dtype=weight.dtype)
 
     @classmethod
@@ -157,17 +233,21 @@ class VLM(nn.Module):
     @classmethod
     def from_parts(cls, vision: str, llm: str, projector: str = "mlp2x_gelu", template: str = "vicuna_v1",
                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                   **vision_overrides) -> "VLM":
-        """A new VLM from a pretrained CLIP checkpoint and a pretrained LLM (whose tokenizer gives the
-        `<image>` id), with a freshly initialised projector: the start of LLaVA's stage 1."""
-        vision_tower = VisionTower.from_pretrained(vision, dtype=dtype, device=device, **vision_overrides)
+                   extra_vision: tuple[str, ...] = (), multi_scale: bool = False, **vision_overrides) -> "VLM":
+        """A new VLM from a pretrained vision checkpoint (CLIP, or DINOv2), SPHINX's other towers if any, and a
+        pretrained LLM (whose tokenizer gives the `<image>` id), with a freshly initialised projector: the start
+        of LLaVA's stage 1. vision_overrides (select_layer, ...) apply to every tower."""
+        towers = [VisionTower.from_pretrained(name, dtype=dtype, device=device, **vision_overrides)
+                  for name in (vision, *extra_vision)]
         language_model = LLM.from_pretrained(llm, dtype=dtype, device=device)
         image_token_id = Tokenizer.from_dir(resolve(llm)).image_token_id
-        cfg = VLMConfig(vision_tower.cfg, language_model.cfg, projector, image_token_id, template)
+        cfg = VLMConfig(towers[0].cfg, language_model.cfg, projector, image_token_id, template,
+                        extra_vision=[tower.cfg for tower in towers[1:]], multi_scale=multi_scale)
         with torch.device("meta"):
             model = cls(cfg)
-        model.vision_tower, model.language_model = vision_tower, language_model
-        model.multi_modal_projector = Projector(projector, cfg.vision.hidden_size, cfg.llm.hidden_size).to(
+        model.vision_tower, model.language_model = towers[0], language_model
+        model.extra_vision_towers = nn.ModuleList(towers[1:])
+        model.multi_modal_projector = Projector(projector, cfg.feature_size, cfg.llm.hidden_size).to(
             device=device, dtype=dtype)
         return model
 
@@ -186,6 +266,15 @@ class VLM(nn.Module):
             image_processor.save(path)
 
 
+def renormalize(pixels: torch.Tensor, stats: tuple, own_stats: tuple) -> torch.Tensor:
+    """(M, 3, H, W) pixels normalised with `stats` = (mean, std) per channel, normalised with `own_stats` instead."""
+    if stats == own_stats:
+        return pixels
+    mean, std, own_mean, own_std = (torch.tensor(s, dtype=pixels.dtype, device=pixels.device)[:, None, None]
+                                    for s in (*stats, *own_stats))
+    return (pixels * std + mean - own_mean) / own_std
+
+
 def load_pretrained(name_or_path: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> tuple[VLM, Tokenizer, ImageProcessor]:
     """The model, its tokenizer and its image preprocessing, from one llava-hf or nanovlm checkpoint."""
@@ -195,7 +284,8 @@ def load_pretrained(name_or_path: str, revision: str | None = None, dtype: torch
     if tokenizer.image_token_id != model.cfg.image_token_id:
         raise ValueError(f"{path}: the tokenizer's <image> id {tokenizer.image_token_id} differs from the config's "
                          f"image_token_index {model.cfg.image_token_id}")
-    processor = ImageProcessor.from_dir(path, model.cfg.vision.image_size, pad_to_square=model.cfg.pad_to_square)
+    processor = ImageProcessor.from_dir(path, model.cfg.vision.image_size, pad_to_square=model.cfg.pad_to_square,
+                                        multi_scale=model.cfg.multi_scale)
     return model, tokenizer, processor
 
 
@@ -219,6 +309,7 @@ LLAVA_RENAMES = [
     ("model.vision_tower.encoder.layers.", "vision_tower.layers."),
     ("model.vision_tower.", "vision_tower."),
     ("prototype_extractor.", "prototype_extractor."),
+    ("extra_vision_towers.", "extra_vision_towers."),
 ]
 SAVE_RENAMES = [  # module prefix -> checkpoint prefix, the inverse of the first block above
     ("language_model.lm_head.", "language_model.lm_head."),
@@ -227,6 +318,7 @@ SAVE_RENAMES = [  # module prefix -> checkpoint prefix, the inverse of the first
     ("vision_tower.", "vision_tower.vision_model."),
     ("multi_modal_projector.", "multi_modal_projector."),
     ("prototype_extractor.", "prototype_extractor."),
+    ("extra_vision_towers.", "extra_vision_towers."),
 ]
 # Module prefix -> the module names of transformers' LlavaForConditionalGeneration, which PEFT adapters use.
 PEFT_RENAMES = [

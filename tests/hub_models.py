@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
               patch_size=7, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+# Pretrained on a 5x5 grid (35 px); the 28 px images of the VLM tests are a smaller grid, as 224 px is for 518.
+DINOV2 = dict(hidden_size=32, mlp_ratio=2, num_hidden_layers=3, num_attention_heads=4, image_size=35, patch_size=7)
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, rms_norm_eps=1e-5,
             bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -40,6 +42,17 @@ def clip(path: Path, **vision) -> Path:
                      projection_dim=8)
     model = CLIPModel(cfg).eval()
     perturb(model)
+    model.save_pretrained(path)
+    return path
+
+
+def dinov2(path: Path, **vision) -> Path:
+    """A Dinov2Model checkpoint as transformers saves it, which is the key layout of facebook/dinov2-*."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(3)
+    model = Dinov2Model(Dinov2Config(**DINOV2 | vision)).eval()
+    perturb(model, 3)
     model.save_pretrained(path)
     return path
 

@@ -418,7 +418,7 @@ def test_caption_logprobs_equal_the_training_loss(init, world):
     template = get_template("plain")
     for i, caption in enumerate(captions):
         conversation = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]
-        ids, labels = tokenize_conversation(tokenizer, template, conversation, model.cfg.vision.num_image_tokens())
+        ids, labels = tokenize_conversation(tokenizer, template, conversation, model.cfg.num_image_tokens())
         loss = model.loss(torch.tensor([ids]), torch.tensor([labels]), pixels[i:i + 1], reduction="sum")
         assert scores[i].item() == pytest.approx(-loss.item(), rel=1e-5)
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import hub_models
 from nanovlm.llm import LLM, LLMConfig, rope_inv_freq
 from nanovlm.tokenizer import Tokenizer
-from nanovlm.vision import VisionTower
+from nanovlm.vision import VisionConfig, VisionTower
 from nanovlm.vlm import VLM, VLMConfig
 
 TOL = 1e-4
@@ -21,6 +21,11 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     return hub_models.clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def dinov2_dir(tmp_path_factory):
+    return hub_models.dinov2(tmp_path_factory.mktemp("dinov2"))
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +56,57 @@ def test_vision_features_match_transformers(clip_dir, select_layer, select_featu
     want = want[:, 1:] if select_feature == "patch" else want
     assert got.shape == want.shape
     assert (got - want).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("select_layer,select_feature", [(-2, "patch"), (-1, "cls_patch"), (0, "patch")])
+@pytest.mark.parametrize("size", [(35, 35), (28, 28), (42, 35)])  # native 5x5 grid; 4x4; 6x5, not square
+def test_dinov2_features_match_transformers(dinov2_dir, select_layer, select_feature, size):
+    ours = VisionTower.from_pretrained(str(dinov2_dir), select_layer=select_layer, select_feature=select_feature)
+    ref = transformers.Dinov2Model.from_pretrained(dinov2_dir).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        want = ref(pixel_values=x, output_hidden_states=True).hidden_states[select_layer]
+        got = ours(x)
+    want = want[:, 1:] if select_feature == "patch" else want
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", ["clip", "dinov2"])
+def test_select_norm_gives_the_normed_last_layer(clip_dir, dinov2_dir, family):
+    """SPHINX's reading: the last layer through CLIP's post_layernorm / DINOv2's layernorm, class token kept."""
+    path = clip_dir if family == "clip" else dinov2_dir
+    ours = VisionTower.from_pretrained(str(path), select_layer=-1, select_feature="cls_patch", select_norm=True)
+    unnormed = VisionTower.from_pretrained(str(path), select_layer=-1, select_feature="cls_patch")
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        if family == "clip":
+            ref = transformers.CLIPVisionModel.from_pretrained(path).eval()
+            want = ref.post_layernorm(ref(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state)
+        else:
+            want = transformers.Dinov2Model.from_pretrained(path).eval()(pixel_values=x).last_hidden_state
+        got = ours(x)
+        assert not torch.allclose(got, unnormed(x))
+    assert (got - want).abs().max() <= TOL
+
+
+def test_unsupported_dinov2_variants_are_errors(tmp_path):
+    path = hub_models.dinov2(tmp_path / "swiglu", use_swiglu_ffn=True)
+    with pytest.raises(ValueError, match="unsupported DINOv2 variant"):
+        VisionTower.from_pretrained(str(path))
+
+
+def test_dinov2_loads_by_repo_id_from_offline_hub_cache(tmp_path, dinov2_dir):
+    hub_models.hub_cache(tmp_path / "hf", "tiny-org/tiny-dinov2", dinov2_dir)
+    script = ("import torch\nfrom nanovlm.vision import VisionTower\n"
+              "tower = VisionTower.from_pretrained('tiny-org/tiny-dinov2')\n"
+              "print(sum(p.double().sum().item() for p in tower.parameters()))\n")
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    want = sum(p.double().sum().item() for p in VisionTower.from_pretrained(str(dinov2_dir)).parameters())
+    assert float(run.stdout.split()[0]) == want
 
 
 @pytest.mark.parametrize("variant", list(hub_models.LLM_VARIANTS))
@@ -183,6 +239,8 @@ def test_unsupported_vision_configs_are_errors():
         VLMConfig.from_hf({"model_type": "llava", "vision_config": {"hidden_act": "relu"}})
     with pytest.raises(ValueError, match="unsupported vision model_type"):
         VLMConfig.from_hf({"model_type": "llava", "vision_config": {"model_type": "siglip_vision_model"}})
+    with pytest.raises(ValueError, match="unknown vision family"):
+        VisionConfig(family="siglip")
 
 
 def test_llava_config_defaults_follow_transformers():
@@ -191,7 +249,7 @@ def test_llava_config_defaults_follow_transformers():
     ref = transformers.LlavaConfig(text_config={"model_type": "llama", "vocab_size": 32064})
     assert cfg.llm.hidden_size == ref.text_config.hidden_size and cfg.llm.num_hidden_layers == 32
     assert cfg.vision.image_size == ref.vision_config.image_size == 336
-    assert cfg.vision.num_image_tokens() == 576
+    assert cfg.num_image_tokens() == 576
 
 
 def test_load_by_repo_id_from_offline_hub_cache(tmp_path, llava_dir):

@@ -49,9 +49,9 @@ def test_question_about_a_photo_matches_transformers_generate(checkpoint):
     model, tokenizer, processor = load_pretrained(str(checkpoint))
     conversation = [{"from": "human", "value": "<image>\nWhat is in the picture?"}]
     prompt, _ = tokenize_conversation(tokenizer, get_template("vicuna_v1"), conversation,
-                                      model.cfg.vision.num_image_tokens(), generation_prompt=True)
+                                      model.cfg.num_image_tokens(), generation_prompt=True)
     pixels = processor(load_image(PHOTO))[None]
-    assert prompt.count(model.cfg.image_token_id) == model.cfg.vision.num_image_tokens()
+    assert prompt.count(model.cfg.image_token_id) == model.cfg.num_image_tokens()
     ours = generate(model, tokenizer, [prompt], pixels, Sampling(max_new_tokens=24))[0]
 
     ref = transformers.LlavaForConditionalGeneration.from_pretrained(checkpoint).eval()

@@ -45,7 +45,7 @@ def launch(init, world, out, *args, processes=1, timeout=300, wait=True, script=
 def test_loss_goes_down(world, tmp_path):
     model, tokenizer, processor = tiny_model(shapes_corpus(world, "vicuna_v1"))
     data = LLaVADataset([DataSource(world / "instruct.json")], tokenizer, get_template("vicuna_v1"), processor,
-                        model.cfg.vision.num_image_tokens(), 512)
+                        model.cfg.num_image_tokens(), 512)
     cfg = TrainConfig(out_dir=str(tmp_path), global_batch_size=16, micro_batch_size=16, max_steps=20,
                       lr={"vision": 1e-3, "projector": 1e-3, "llm": 1e-3})
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -75,7 +75,7 @@ def test_non_finite_loss_stops_the_run(world, tmp_path):
 
     model, tokenizer, processor = tiny_model(shapes_corpus(world, "vicuna_v1"))
     data = LLaVADataset([DataSource(world / "instruct.json")], tokenizer, get_template("vicuna_v1"), processor,
-                        model.cfg.vision.num_image_tokens(), 512)
+                        model.cfg.num_image_tokens(), 512)
     cfg = TrainConfig(out_dir=str(tmp_path), global_batch_size=16, micro_batch_size=16, max_steps=3,
                       lr={"llm": 1e-3})
     with pytest.raises(RuntimeError, match="non-finite loss nan at step 0"):
