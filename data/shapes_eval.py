@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nanovlm import benchmarks
 from nanovlm.checkpoint import write_json
-from nanovlm.generate import Sampling
+from nanovlm.generate import Sampling, answer
 from nanovlm.image import ImageProcessor
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.vlm import VLM
@@ -56,12 +56,14 @@ def format_table(scores: dict) -> str:
 
 
 def evaluate(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, world_dir: Path, batch_size: int = 64,
-             limit: int = 0) -> tuple[dict, list[dict]]:
+             limit: int = 0, respond=answer) -> tuple[dict, list[dict]]:
     """Greedy answers to every eval question (the first `limit` if > 0), through the same benchmark path as
-    `eval.py --task shapes`; returns the scores and the records with their predictions."""
+    `eval.py --task shapes` (`respond`: as for benchmarks.predict); returns the scores and the records with their
+    predictions."""
     benchmark = benchmarks.load("shapes", world_dir / "eval.json", limit)
     model.eval()
-    answers = benchmarks.predict(model, tokenizer, processor, benchmark, Sampling(max_new_tokens=24), batch_size)
+    answers = benchmarks.predict(model, tokenizer, processor, benchmark, Sampling(max_new_tokens=24), batch_size,
+                                 respond=respond)
     predictions = [r | {"prediction": a} for r, a in zip(benchmark.records, answers)]
     return score(benchmark.records, {r["id"]: r["prediction"] for r in predictions}), predictions
 

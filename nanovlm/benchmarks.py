@@ -135,11 +135,14 @@ def load(task: str, path: str | Path, limit: int = 0) -> Benchmark:
 
 
 def predict(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, benchmark: Benchmark,
-            sampling: Sampling = Sampling(max_new_tokens=64), batch_size: int = 32, progress: bool = True) -> list[str]:
-    """The model's answer to every record, in order: batched generation with the model's chat template."""
+            sampling: Sampling = Sampling(max_new_tokens=64), batch_size: int = 32, progress: bool = True,
+            respond=answer) -> list[str]:
+    """The model's answer to every record, in order: batched generation with the model's chat template.
+    `respond` is how a list of questions gets answered: `generate.answer`, or a drop-in such as STIC's
+    describe-and-respond."""
     questions = [(benchmark.image(i), prompt(benchmark.task, r)) for i, r in enumerate(benchmark.records)]
-    return answer(model, tokenizer, processor, get_template(model.cfg.template), questions, sampling, batch_size,
-                  progress)
+    return respond(model, tokenizer, processor, get_template(model.cfg.template), questions, sampling, batch_size,
+                   progress)
 
 
 def prompt(task: str, record: dict) -> str:
