@@ -1,31 +1,43 @@
-"""STIC (Deng et al., 2024): self-training on image comprehension, from unlabeled images only.
+"""STIC (Deng et al., "Enhancing Large Vision Language Models with Self-Training on Image Comprehension", 2024):
+self-training on image comprehension, from unlabeled images only.
 
-Three steps, all by default, each runnable alone with --step and resumable (nanovlm/stic.py states the method,
-nanovlm/dpo.py the objective):
-1. preferences: the starting model describes every unlabeled image twice, a preferred and a dispreferred
-   description, into OUT/preferences.jsonl (image, prompt, chosen, rejected, corruption). Under torchrun each
-   rank describes its own batches; a rerun skips the images already done.
-2. dpo: LoRA adapters learn the pairs with DPO + NLL through the shared training loop (checkpoints and --resume
-   as every recipe); the adapter-disabled model is the reference. Writes OUT/dpo (merged model, adapter/).
+The model writes a preferred and a dispreferred description of each unlabeled image and learns the difference
+with DPO plus an NLL term on the preferred one (nanovlm/dpo.py):
+    L = -log sigmoid(beta [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))]) - alpha log pi(y_w|x)
+then learns to answer with its own description of the image before the question (nanovlm/stic.py states both).
+Three steps, all by default, each runnable alone with --step and resumable:
+1. preferences: the starting model describes every unlabeled image twice into OUT/preferences.jsonl (image,
+   prompt, chosen, rejected, corruption). Under torchrun each rank describes its own batches; a rerun skips the
+   images already done.
+2. dpo: LoRA adapters learn the pairs through the shared training loop (checkpoints and --resume as every
+   recipe); the adapter-disabled model is the reference. Writes OUT/dpo (merged model, adapter/).
 3. describe: the DPO'd model describes the image of each record of a slice of the instruction data into
    OUT/descriptions.jsonl; OUT/described.json holds those records with the description before the question, on
    which the same adapters continue with the ordinary SFT loss. The finished model is OUT (llava-hf layout,
    adapters merged) and OUT/adapter (PEFT layout). A finished step (its adapter/ written) is skipped on a rerun.
 
-Recipe (yihedeng9/STIC's released scripts, scripts/dpo_finetune.sh and finetune_lora.sh): LoRA r 128, alpha 256
-on every linear layer of the LLM (q,k,v,o,gate,up,down; not lm_head). DPO: beta 0.1, alpha 1/1024 on summed
-log-probabilities, lr 1e-7, global batch 8, one epoch, cosine after 3% warmup, LoRA dropout 0 (the released DPO
-trainer switches dropout off). The projector stays frozen here, unlike the released script (lr 2e-5), so that
-the adapter-disabled reference is the starting model. Stage 2: 5k records of the instruction data, the same
-adapters at lr 2e-5 with dropout 0.05 and the projector at 2e-5, global batch 32, max length 2048, one epoch,
-cosine after 3% warmup. Generation: temperature 0.2, up to 1024 new tokens. One chat template throughout, the
-model's own. The `llava15-7b` and `small` presets keep these released values; the `tiny` preset has its own
-(the `tiny` entries below): a model trained from scratch in minutes, which the released lr 1e-7 would leave
-unchanged after a few hundred steps.
+Recipe (the paper and yihedeng9/STIC's released scripts dpo_finetune.sh, finetune_lora.sh, generate_pref.py):
+LoRA r 128, alpha 256 on every linear layer of the LLM (q,k,v,o,gate,up,down; not lm_head). DPO: beta 0.1,
+alpha 1/1024 on summed log-probabilities, lr 1e-7, global batch 8, one epoch, cosine after 3% warmup. Stage 2:
+5k image records of the instruction data, the same adapters (dropout 0.05) and the projector at lr 2e-5, global
+batch 32, max length 2048, one epoch, cosine after 3% warmup. Generation: temperature 0.2, up to 1024 new
+tokens. The `llava15-7b` and `small` presets keep these released values; the `tiny` preset has its own (its
+entries below say why): a model trained from scratch in minutes, which lr 1e-7 would leave unchanged.
+
+Where this departs from the official code, and why:
+- The projector stays frozen during DPO (the released script trains it at 2e-5): with adapters disabled the
+  reference would otherwise see the updated projector and no longer be the starting model.
+- LoRA dropout is 0 during DPO: the released DPO trainer switches dropout off, so that is what it trained with.
+- The dispreferred description of a "corrupted" image really describes the corrupted image, and every DPO,
+  description and describe-and-respond prompt holds the image; the rejected term scores the rejected answer's
+  own tokens (nanovlm/stic.py and nanovlm/dpo.py say how the released code differs; tests/test_stic.py checks).
+- One chat template, the model's own, for generation, training and describe-and-respond (the released code
+  mixes mistral_instruct and vicuna_v1).
+- Stage 2 describes only records with an image (describing a text-only record has no meaning).
 
     python train_stic.py       # tiny preset: the shapes world's unlabeled.json, from train_sft.py's output
-    torchrun --nproc_per_node=8 train_stic.py --preset llava15-7b --init llava-hf/llava-1.5-7b-hf \\
-        --images out/coco/coco_unlabeled.json --sft_data out/llava_mix665k/llava_v1_5_mix665k.json
+    torchrun --nproc_per_node=8 train_stic.py --preset llava15-7b --init llava-hf/llava-1.5-7b-hf --images DIR
+        --sft_data llava_v1_5_mix665k.json      # one command: the images and the instruction data
 """
 
 import sys
@@ -43,53 +55,62 @@ from nanovlm.dpo import ALPHA, BETA, DPOObjective, PreferenceDataset
 from nanovlm.generate import Sampling
 from nanovlm.lora import add_lora, load_adapter, lora_layers, save_adapter
 from nanovlm.presets import PRESETS
-from nanovlm.recipe import SHAPES_DIR, dataset, fit, parse, start_from
-from nanovlm.stic import (DESCRIPTION_TOKENS, GENERATION_TEMPERATURE, PAPER_PROMPTS, Prompts, generate_jsonl, infuse,
-                          make_descriptions, make_preferences, sft_slice, unlabeled_images)
+from nanovlm.recipe import SHAPES_DIR, dataset, fit, parse, stage_dir, start_from
+from nanovlm.stic import (
+    DESCRIPTION_TOKENS,
+    GENERATION_TEMPERATURE,
+    PAPER_PROMPTS,
+    Prompts,
+    generate_jsonl,
+    infuse,
+    make_descriptions,
+    make_preferences,
+    sft_slice,
+    unlabeled_images,
+)
 from nanovlm.templates import get_template
 from nanovlm.train import TrainConfig
 from nanovlm.vlm import PEFT_RENAMES, PEFT_TO_MODULE
 
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STEPS = ("preferences", "dpo", "describe")
-SFT_OUTPUT = {"llava15-7b": "out/llava15-7b/sft", "small": "out/small/sft", "tiny": "out/tiny/sft"}
 # The tiny model knows one description question, the shapes world's "Describe the image." (data/shapes.py); asked
 # anything else it answers "yes". It is its x, its preferred prompt and (the first plain prompt of both lists)
 # its DaR prompt; the hallucination prompts stay the paper's, whose answers are junk to it.
 PROMPTS = {"paper": PAPER_PROMPTS,
            "shapes": Prompts(describe=("Describe the image.",), detailed="Describe the image.",
                              hallucination=PAPER_PROMPTS.hallucination)}
+SFT_LR = {"llm_lora": 2e-5, "projector": 2e-5}  # stage 2 (finetune_lora.sh: lr and mm_projector_lr)
 
 
 @dataclass
 class Stic:
-    step: str = "all"  # preferences, dpo, describe or all
-    prompts: str = "paper"  # a key of PROMPTS
-    images: str | None = None  # unlabeled images: a folder, or a LLaVA JSON file whose records have an "image"
-    sft_data: str | None = None  # the instruction data (LLaVA JSON) whose slice stage 2 describes and trains on
-    sft_image_folder: str | None = None  # where its images are (default: the file's folder)
-    num_sft: int = 5000
-    lora: tuple[int, float] = (128, 256.0)  # r, alpha
-    dpo_lora_dropout: float = 0.0
-    sft_lora_dropout: float = 0.05
-    beta: float = BETA
-    alpha: float = ALPHA
-    temperature: float = GENERATION_TEMPERATURE
-    max_new_tokens: int = DESCRIPTION_TOKENS
-    generation_batch_size: int = 16  # images a batch; a preference batch generates two answers an image
-    sft_lr: dict[str, float] = field(default_factory=lambda: {"llm_lora": 2e-5, "projector": 2e-5})
-    sft_global_batch_size: int = 32
-    sft_micro_batch_size: int = 4
+    step: str = "all"  # preferences, dpo, describe (stage 2) or all
+    prompts: str = "paper"  # the prompt lists: paper, or shapes (the tiny model's own description question)
+    images: str | None = None  # unlabeled images: a folder, or LLaVA JSON with an "image" a record (tiny: the shapes')
+    sft_data: str | None = None  # instruction data (LLaVA JSON) that stage 2 describes and learns (tiny: the shapes')
+    sft_image_folder: str | None = None  # the folder of --sft_data's images (None: the file's own folder)
+    num_sft: int = 5000  # records of --sft_data in stage 2, a seeded sample
+    lora: tuple[int, float] = (128, 256.0)  # r, alpha of the adapters on every linear layer of the LLM
+    dpo_lora_dropout: float = 0.0  # LoRA dropout during DPO
+    sft_lora_dropout: float = 0.05  # LoRA dropout during stage 2
+    beta: float = BETA  # DPO's beta: the scale of the reward margin inside the sigmoid
+    alpha: float = ALPHA  # weight of the NLL term -log pi(y_w|x)
+    temperature: float = GENERATION_TEMPERATURE  # sampling temperature of every description
+    max_new_tokens: int = DESCRIPTION_TOKENS  # longest description
+    generation_batch_size: int = 16  # images per generation batch (a preference batch writes two answers each)
+    sft_lr: dict[str, float] = field(default_factory=SFT_LR.copy)  # stage 2's lr per parameter group (--lr: DPO's)
+    sft_global_batch_size: int = 32  # stage 2's records per optimizer step (--global_batch_size is DPO's)
+    sft_micro_batch_size: int = 4  # stage 2's records per process and micro-batch
 
 
-# The TrainConfig is the DPO stage's; stage 2 takes its own lr and batch from Stic.
+# The TrainConfig is the DPO stage's (released dpo_finetune.sh); stage 2 takes its own lr and batch from Stic.
+PRETRAINED = TrainConfig(global_batch_size=8, micro_batch_size=1, lr={"llm_lora": 1e-7}, max_length=2048,
+                         num_workers=4)
 RECIPES = {
-    "llava15-7b": TrainConfig(out_dir="out/llava15-7b/stic", global_batch_size=8, micro_batch_size=1,
-                              lr={"llm_lora": 1e-7}, max_length=2048, num_workers=4),
-    "small": TrainConfig(out_dir="out/small/stic", global_batch_size=8, micro_batch_size=1,
-                         lr={"llm_lora": 1e-7}, max_length=2048, num_workers=4),
-    "tiny": TrainConfig(out_dir="out/tiny/stic", global_batch_size=8, micro_batch_size=8,
-                        lr={"llm_lora": 1e-4}, max_length=512),
+    "llava15-7b": PRETRAINED,
+    "small": PRETRAINED,
+    "tiny": TrainConfig(global_batch_size=8, micro_batch_size=8, lr={"llm_lora": 1e-4}, max_length=512),
 }
 # The tiny preset: LoRA r8 / alpha 16 on 128-wide layers (train_selfq.py's proportions); DPO at lr 1e-4 (measured
 # on the shapes world: the reward margin grows to about 0.45 and the evaluation holds; at 1e-3 the margin reaches
@@ -113,7 +134,7 @@ def set_lora_dropout(model: nn.Module, p: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run = parse(__doc__.splitlines()[0], RECIPES, argv, METHODS)
+    run = parse(__doc__.splitlines()[0], RECIPES, argv, METHODS, stage="stic")
     stic: Stic = run.method
     if stic.step not in STEPS + ("all",):
         raise SystemExit(f"--step must be one of {', '.join(STEPS)} or all, not {stic.step!r}")
@@ -129,8 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--images is required: a folder of unlabeled images or a LLaVA JSON file listing them")
     if sft_data is None and "describe" in steps:
         raise SystemExit("--sft_data is required: the instruction data (LLaVA JSON) that stage 2 describes")
-    out, env = Path(run.cfg.out_dir), run.env
-    model, tokenizer, processor = start_from(run, SFT_OUTPUT[run.preset])
+    out, env, init = Path(run.cfg.out_dir), run.env, run.init or stage_dir(run.preset, "sft")
+    model, tokenizer, processor = start_from(run, init)
     template = get_template(model.cfg.template)
     sampling = Sampling(max_new_tokens=stic.max_new_tokens, temperature=stic.temperature)
     generation = {"seed": run.cfg.seed, "sampling": sampling, "skip_bad": run.cfg.skip_bad_records,
@@ -157,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         dpo = replace(run, cfg=replace(run.cfg, out_dir=str(out / "dpo")), data=[DataSource(pairs.path)])
         fit(dpo, model, tokenizer, processor, pairs, DPOObjective(model, stic.beta, stic.alpha))
         if env.main:
-            save_adapter(model, out / "dpo" / "adapter", PEFT_RENAMES, run.init or SFT_OUTPUT[run.preset])
+            save_adapter(model, out / "dpo" / "adapter", PEFT_RENAMES, init)
             if on_shapes:
                 print("\nafter STIC's DPO:")
                 shapes_eval.report(model, tokenizer, processor, SHAPES_DIR, out / "dpo")
@@ -193,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                       data=[DataSource(out / "described.json", image_folder=image_folder)])
         fit(sft, model, tokenizer, processor, dataset(sft, model, tokenizer, processor, model.cfg.template))
         if env.main:
-            save_adapter(model, out / "adapter", PEFT_RENAMES, run.init or SFT_OUTPUT[run.preset])
+            save_adapter(model, out / "adapter", PEFT_RENAMES, init)
             if on_shapes:
                 print("\nafter STIC (DPO and description-infused fine-tuning):")
                 shapes_eval.report(model, tokenizer, processor, SHAPES_DIR, out)

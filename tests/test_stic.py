@@ -22,9 +22,17 @@ from nanovlm.data import BadRecord
 from nanovlm.dpo import ALPHA, BETA, DPOObjective, PreferenceDataset, dpo_loss, sequence_logps
 from nanovlm.generate import Sampling
 from nanovlm.image import ImageProcessor, load_image
-from nanovlm.lora import add_lora, adapters_disabled, lora_layers
-from nanovlm.stic import (PAPER_PROMPTS, colour_jitter, corrupt, describe_and_respond, downscale, infuse,
-                          make_descriptions, make_preferences)
+from nanovlm.lora import adapters_disabled, add_lora, lora_layers
+from nanovlm.stic import (
+    PAPER_PROMPTS,
+    colour_jitter,
+    corrupt,
+    describe_and_respond,
+    downscale,
+    infuse,
+    make_descriptions,
+    make_preferences,
+)
 from nanovlm.templates import IGNORE_INDEX, get_template, tokenize_conversation
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.train import Distributed, TrainConfig, train
@@ -172,6 +180,10 @@ def sharpness(pixels: torch.Tensor) -> float:
     return float(rows.square().mean() + columns.square().mean())
 
 
+def arrays(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, np.float64)
+
+
 def test_each_corruption_changes_the_image():
     image = colourful()
     processor = ImageProcessor(size=96, crop_size=96, pad_to_square=True)
@@ -179,7 +191,6 @@ def test_each_corruption_changes_the_image():
     assert small.size == (30, 20)  # the short side at 20 px, the aspect ratio kept
     clean, blurred = processor(image), processor(small)  # preprocessing scales it back up
     assert blurred.shape == clean.shape and sharpness(blurred) < 0.5 * sharpness(clean)
-    arrays = lambda im: np.asarray(im, np.float64)
     brighter = colour_jitter(image, 1.4, 0.0)
     assert arrays(brighter).mean() > 1.2 * arrays(image).mean()
     shifted = arrays(colour_jitter(image, 1.0, 0.25))
@@ -196,10 +207,9 @@ def test_each_corruption_changes_the_image():
 
 
 def test_infuse_puts_the_description_before_the_question():
-    assert infuse("<image>\nWhat colour is the cup?", "A red cup.") == \
-        "<image>\nImage description:\nA red cup.\n\nWhat colour is the cup?"
-    assert infuse("What colour is the cup?\n<image>", "A red cup.") == \
-        "<image>\nImage description:\nA red cup.\n\nWhat colour is the cup?\n"
+    expected = "<image>\nImage description:\nA red cup.\n\nWhat colour is the cup?"
+    assert infuse("<image>\nWhat colour is the cup?", "A red cup.") == expected
+    assert infuse("What colour is the cup?\n<image>", "A red cup.") == expected + "\n"
 
 
 class ImageTokenSpy:
@@ -339,8 +349,10 @@ def test_a_bad_preference_line_is_named_by_file_and_line(world, init, tmp_path, 
     with path.open("a") as f:
         f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
     _, tokenizer, processor = load_pretrained(str(init))
-    make = lambda skip: PreferenceDataset(path, world, tokenizer, get_template("vicuna_v1"), processor, 16,
-                                          512, skip_bad=skip)
+
+    def make(skip: bool) -> PreferenceDataset:
+        return PreferenceDataset(path, world, tokenizer, get_template("vicuna_v1"), processor, 16, 512, skip_bad=skip)
+
     with pytest.raises(BadRecord, match=f"{path}:3: {message}"):
         make(False)
     assert len(make(True)) == 2 and make(True).skipped == {str(path): 1}
