@@ -61,6 +61,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--image needs --prompt or --self_questions")
     if (args.prompt or args.self_questions) and not args.image:
         parser.error("--prompt and --self_questions need --image")
+    if args.dar and args.task == "caption_ranking":
+        parser.error("--dar describes before answering; caption_ranking scores captions and generates nothing")
     return args
 
 
