@@ -8,6 +8,7 @@ nanovlm/benchmarks.py.
     python eval.py out/tiny/sft --task shapes                       # the shapes world's eval split
     python eval.py out/tiny/iccc --task caption_ranking             # true captions against corrupted ones
     python eval.py llava-hf/llava-1.5-7b-hf --task pope --data out/pope/pope.jsonl
+    python eval.py llava-hf/llava-1.5-7b-hf --task grounding --data out/refcoco/refcoco_testA.jsonl
     python eval.py out/tiny/sft --image out/shapes/images/eval_000000.png --prompt "How many objects are there?"
     python eval.py out/tiny/selfq --image out/shapes/images/eval_000000.png --self_questions 3   # SQ-LLaVA
     python eval.py out/tiny/stic --task shapes --dar                 # STIC's describe-and-respond

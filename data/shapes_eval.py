@@ -97,6 +97,17 @@ def seeds_table(header: str, rows: list[str], variants: dict[str, list[dict]], v
     return "\n".join(lines)
 
 
+def seed_scores(folders: list[Path], file: str) -> dict[str, list[dict]]:
+    """Each variant folder's runs, one subfolder per seed: folder name -> the "scores" of every */`file`."""
+    variants = {}
+    for folder in folders:
+        files = sorted(folder.glob(f"*/{file}"))
+        if not files:
+            raise SystemExit(f"{folder}: no */{file} (one subdirectory per seed)")
+        variants[folder.name] = [json.loads(f.read_text())["scores"] for f in files]
+    return variants
+
+
 def compare(variants: dict[str, list[dict]], split: str = "in_distribution") -> str:
     """Every question type's accuracy over seeds, per variant (`seeds_table`)."""
     return seeds_table("question", [*EVAL_TYPES, "overall"], variants, lambda run, qtype: run[split][qtype])
@@ -107,14 +118,10 @@ def main(argv: list[str] | None = None) -> str:
                                      "directory whose subdirectories (one per seed) hold eval_shapes.json.")
     parser.add_argument("variants", nargs="+", type=Path)
     parser.add_argument("--split", default="in_distribution", choices=["in_distribution", "holdout"])
+    parser.add_argument("--file", default="eval_shapes.json", help="the scores file in each seed's folder, e.g. "
+                        "eval_shapes_b.json for another domain's eval (eval.py --out)")
     args = parser.parse_args(argv)
-    variants = {}
-    for folder in args.variants:
-        files = sorted(folder.glob("*/eval_shapes.json"))
-        if not files:
-            raise SystemExit(f"{folder}: no */eval_shapes.json (one subdirectory per seed)")
-        variants[folder.name] = [json.loads(f.read_text())["scores"] for f in files]
-    table = compare(variants, args.split)
+    table = compare(seed_scores(args.variants, args.file), args.split)
     print(f"shapes world, {args.split}, exact match (%), mean ± std over seeds:\n{table}")
     return table
 
