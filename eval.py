@@ -8,12 +8,15 @@ nanovlm/benchmarks.py.
     python eval.py out/tiny/sft --task shapes                       # the shapes world's eval split
     python eval.py out/tiny/iccc --task caption_ranking             # true captions against corrupted ones
     python eval.py llava-hf/llava-1.5-7b-hf --task pope --data out/pope/pope.jsonl
+    python eval.py llava-hf/llava-1.5-7b-hf --task grounding --data out/refcoco/refcoco_testA.jsonl
     python eval.py out/tiny/sft --image out/shapes/images/eval_000000.png --prompt "How many objects are there?"
     python eval.py out/tiny/selfq --image out/shapes/images/eval_000000.png --self_questions 3   # SQ-LLaVA
+    python eval.py out/tiny/stic --task shapes --dar                 # STIC's describe-and-respond
 """
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +29,7 @@ from nanovlm.generate import Sampling, answer
 from nanovlm.image import load_image
 from nanovlm.recipe import SHAPES_DIR
 from nanovlm.selfq import ask_questions
+from nanovlm.stic import DESCRIPTION_TOKENS, describe_and_respond
 from nanovlm.templates import get_template
 from nanovlm.vlm import load_pretrained
 
@@ -39,13 +43,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N records")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--out", help="predictions JSON (default: eval_TASK.json beside a local model)")
+    parser.add_argument("--out", help="predictions JSON (default: eval_TASK.json, eval_TASK_dar.json with --dar, "
+                        "beside a local model)")
     parser.add_argument("--image", help="answer one question about this image (with --prompt)")
     parser.add_argument("--prompt", help="the question to ask about --image")
     parser.add_argument("--temperature", type=float, default=0.0, help="one-question mode; 0 is greedy")
     parser.add_argument("--self_questions", type=int, default=0,
                         help="with --image: describe it, then pose N questions about it (SQ-LLaVA models)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of --self_questions")
+    parser.add_argument("--dar", action="store_true",
+                        help="STIC's describe-and-respond: describe each image first, then answer with the description")
+    parser.add_argument("--description_tokens", type=int, default=DESCRIPTION_TOKENS,
+                        help="longest description --dar writes")
     parser.add_argument("--revision", help="Hub revision of MODEL")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -53,6 +62,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--image needs --prompt or --self_questions")
     if (args.prompt or args.self_questions) and not args.image:
         parser.error("--prompt and --self_questions need --image")
+    if args.dar and args.task == "caption_ranking":
+        parser.error("--dar describes before answering; caption_ranking scores captions and generates nothing")
     return args
 
 
@@ -66,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict | str | list[str]:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tokenizer, processor = load_pretrained(args.model, args.revision, dtype, args.device)
     model.eval()
+    respond = partial(describe_and_respond, description_tokens=args.description_tokens) if args.dar else answer
     if args.self_questions:
         description, questions = ask_questions(model, tokenizer, processor, get_template(model.cfg.template),
                                                load_image(args.image), args.self_questions,
@@ -74,14 +86,15 @@ def main(argv: list[str] | None = None) -> dict | str | list[str]:
         return questions
     if args.image:
         sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        [reply] = answer(model, tokenizer, processor, get_template(model.cfg.template),
-                         [(load_image(args.image), "<image>\n" + args.prompt)], sampling)
+        [reply] = respond(model, tokenizer, processor, get_template(model.cfg.template),
+                          [(load_image(args.image), "<image>\n" + args.prompt)], sampling)
         print(reply)
         return reply
 
     if args.task == "shapes":
         world = Path(args.data).parent if args.data else SHAPES_DIR
-        scores, predictions = shapes_eval.evaluate(model, tokenizer, processor, world, args.batch_size, args.limit)
+        scores, predictions = shapes_eval.evaluate(model, tokenizer, processor, world, args.batch_size, args.limit,
+                                                   respond)
         table = shapes_eval.format_table(scores)
     elif args.task == "caption_ranking":  # likelihoods, not generation
         benchmark = benchmarks.load(args.task, args.data or caption_ranking_data.shapes_benchmark(SHAPES_DIR),
@@ -93,14 +106,14 @@ def main(argv: list[str] | None = None) -> dict | str | list[str]:
             raise SystemExit(f"--data is required for --task {args.task}")
         benchmark = benchmarks.load(args.task, args.data, args.limit)
         answers = benchmarks.predict(model, tokenizer, processor, benchmark,
-                                     Sampling(max_new_tokens=args.max_new_tokens), args.batch_size)
+                                     Sampling(max_new_tokens=args.max_new_tokens), args.batch_size, respond=respond)
         scores = benchmarks.score(benchmark, answers)
         predictions = [r | {"prediction": a} for r, a in zip(benchmark.records, answers)]
         table = benchmarks.format_scores(args.task, scores)
-    print(f"\n{args.model}, task {args.task}:\n{table}")
-    out = Path(args.out) if args.out else default_out(args.model, args.task)
+    print(f"\n{args.model}, task {args.task}{' (describe-and-respond)' * args.dar}:\n{table}")
+    out = Path(args.out) if args.out else default_out(args.model, args.task + "_dar" * args.dar)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, {"model": args.model, "task": args.task, "data": args.data, "scores": scores,
+    write_json(out, {"model": args.model, "task": args.task, "data": args.data, "dar": args.dar, "scores": scores,
                      "predictions": predictions})
     print(f"predictions: {out}")
     return scores

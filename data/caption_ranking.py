@@ -33,7 +33,7 @@ from nanovlm.tokenizer import Tokenizer
 from nanovlm.vlm import VLM
 
 from .shapes import Obj, caption
-from .shapes_eval import seeds_table
+from .shapes_eval import seed_scores, seeds_table
 
 
 def capitalised(text: str) -> str:
@@ -114,13 +114,7 @@ def main(argv: list[str] | None = None) -> Path | str:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.compare:
-        variants = {}
-        for folder in args.compare:
-            files = sorted(folder.glob("*/eval_caption_ranking.json"))
-            if not files:
-                raise SystemExit(f"{folder}: no */eval_caption_ranking.json (one subfolder per seed)")
-            variants[folder.name] = [json.loads(f.read_text())["scores"] for f in files]
-        table = compare(variants)
+        table = compare(seed_scores(args.compare, "eval_caption_ranking.json"))
         print(f"caption ranking, true caption ranked higher (%), mean ± std over seeds:\n{table}")
         return table
     if args.world:

@@ -18,6 +18,13 @@ so that the popular and adversarial settings really probe those biases.
 
 `python data/shapes.py --show 8 [--model out/tiny/sft]` draws the first eval images with their captions and
 questions into a PNG, and a trained model's answers beside the truth.
+
+Two rendering domains, for SPHINX's weight mixing (nanovlm/merge.py): `solid` (the default, domain A) fills each
+shape on a flat dark-grey background; `outline` (domain B, `--style outline --out out/shapes_b`) draws its objects,
+with the same geometry (one object per grid cell, so one per patch of the tiny tower; the same sizes and boxes), as
+outlines STROKE pixels wide on a background of grey noise. A domain-B world keeps domain A's rules (held-out pairs,
+pair frequencies, companions: the world's seed) and draws its own scenes, questions and noise from streams keyed by
+the style, so its train and eval splits are its own; a solid world is written exactly as before styles existed.
 """
 
 import argparse
@@ -30,11 +37,15 @@ from dataclasses import asdict, dataclass, field, fields
 from itertools import permutations
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 VERSION = 2  # bump when the output changes, so that a stale world.json is not reused
 BACKGROUND = (40, 40, 40)
+STYLES = ("solid", "outline")  # domains A and B
+NOISE = (20, 100)  # an outline world's background: every pixel an independent grey in this range
+STROKE = 2  # an outline's width in pixels
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {  # far apart in RGB, and from the background, so that a small image leaves no doubt
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 215, 50),
@@ -72,6 +83,15 @@ class ShapesConfig:
     num_eval: int = 2000
     image_size: int = 96
     seed: int = 0
+    style: str = "solid"  # one of STYLES
+
+    def stream(self, name: str) -> str:
+        """The seed of one random stream; a solid world's keys predate styles, so its output stays what it was."""
+        return f"{self.seed}-{name}" if self.style == "solid" else f"{self.seed}-{self.style}-{name}"
+
+    def record(self) -> dict:
+        """The config as world.json stores it (a solid world's without its style, as before styles existed)."""
+        return {k: v for k, v in asdict(self).items() if not (k == "style" and v == "solid")}
 
 
 @dataclass(frozen=True)
@@ -163,6 +183,37 @@ def draw(objects: list[Obj], image_size: int) -> Image.Image:
             pen.rectangle((o.x - o.r, o.y - t, o.x + o.r, o.y + t), fill=fill)
             pen.rectangle((o.x - t, o.y - o.r, o.x + t, o.y + o.r), fill=fill)
     return image
+
+
+def draw_outline(objects: list[Obj], image_size: int, seed: str) -> Image.Image:
+    """Domain B: the objects' outlines, STROKE pixels wide, over grey noise drawn from the stream `seed`. The
+    outline runs along the same box as the solid shape's edge, so every box and answer holds in both domains."""
+    noise = np.random.default_rng(random.Random(seed).getrandbits(64)).integers(
+        NOISE[0], NOISE[1] + 1, (image_size, image_size), dtype=np.uint8)
+    image = Image.fromarray(noise).convert("RGB")
+    pen = ImageDraw.Draw(image)
+    for o in objects:
+        colour, box = COLOURS[o.colour], (o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r)
+        if o.shape == "circle":
+            pen.ellipse(box, outline=colour, width=STROKE)
+        elif o.shape == "square":
+            pen.rectangle(box, outline=colour, width=STROKE)
+        elif o.shape == "triangle":
+            pen.polygon([(o.x, o.y - o.r), (o.x + o.r, o.y + o.r), (o.x - o.r, o.y + o.r)], outline=colour,
+                        width=STROKE)
+        else:  # the plus sign's twelve corners, its bars as thick as the solid one's
+            t, r = max(1, o.r // 3), o.r
+            corners = [(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r), (-t, t), (-r, t), (-r, -t),
+                       (-t, -t)]
+            pen.polygon([(o.x + dx, o.y + dy) for dx, dy in corners], outline=colour, width=STROKE)
+    return image
+
+
+def render(objects: list[Obj], cfg: "ShapesConfig", path: str) -> Image.Image:
+    """An image of the world's style; an outline image's noise is seeded by the image's path."""
+    if cfg.style == "solid":
+        return draw(objects, cfg.image_size)
+    return draw_outline(objects, cfg.image_size, cfg.stream(f"noise-{path}"))
 
 
 def caption(objects: list[Obj]) -> str:
@@ -323,7 +374,7 @@ def sample_scenes(cfg: ShapesConfig, world: World) -> dict[str, dict[str, list[O
     """split -> image path -> objects. Odd eval images hold a held-out pair: interleaved, any prefix is mixed."""
 
     def split(name: str, count: int, holdout=lambda i: False) -> dict[str, list[Obj]]:
-        rng = random.Random(f"{cfg.seed}-{name}")  # a stream per split: eval does not depend on num_train
+        rng = random.Random(cfg.stream(name))  # a stream per split: eval does not depend on num_train
         paths = [f"images/{name}_{i:06d}.png" for i in range(count)]
         return {path: sample_scene(rng, world, cfg, holdout(i)) for i, path in enumerate(paths)}
 
@@ -338,10 +389,10 @@ def make_records(cfg: ShapesConfig, world: World, scenes: dict, stats: tuple) ->
     """The records of each JSON split, and how many instruct questions each type has."""
     seen = list(world.weights)  # training text never names a held-out pair, not even to deny it
     askers = {  # one per split, each with its own tallies, so that each split is balanced on its own
-        name: Asker(random.Random(f"{cfg.seed}-{name}-text"), cfg.image_size // GRID, vocab, *stats)
+        name: Asker(random.Random(cfg.stream(f"{name}-text")), cfg.image_size // GRID, vocab, *stats)
         for name, vocab in [("train", seen), ("in_distribution", seen), ("holdout", seen + world.holdout)]
     }
-    rng = random.Random(f"{cfg.seed}-captions")
+    rng = random.Random(cfg.stream("captions"))
     captions = [chat(path, [(rng.choice(CAPTION_PROMPTS), caption(objs))]) for path, objs in scenes["train"].items()]
     conversations = {path: askers["train"].conversation(objs) for path, objs in scenes["train"].items()}
     eval_set = []
@@ -363,7 +414,7 @@ def generate(out_dir: str | Path, cfg: ShapesConfig = ShapesConfig()) -> dict:
     out = Path(out_dir)
     if (out / "world.json").exists():
         world = json.loads((out / "world.json").read_text())
-        if world.get("config") == asdict(cfg) and world.get("version") == VERSION:
+        if world.get("config") == cfg.record() and world.get("version") == VERSION:
             print(f"shapes world reused: {out} (same config)")
             return world
     world = make_world(cfg.seed)
@@ -374,13 +425,13 @@ def generate(out_dir: str | Path, cfg: ShapesConfig = ShapesConfig()) -> dict:
     all_scenes = scenes["train"] | scenes["unlabeled"] | scenes["eval"]
     (out / "images").mkdir(parents=True, exist_ok=True)
     for path, objs in tqdm(all_scenes.items(), desc="shapes images", unit="img"):
-        draw(objs, cfg.image_size).save(out / path, optimize=False)
+        render(objs, cfg, path).save(out / path, optimize=False)
     counts = {name: len(data) for name, data in records.items()}
     counts["instruct_questions"] = dict(instruct_types.most_common())
     counts["eval_questions"] = dict(Counter(r["type"] for r in records["eval"]).most_common())
     metadata = {
         "version": VERSION,
-        "config": asdict(cfg),
+        "config": cfg.record(),
         "colours": COLOURS,
         "shapes": list(SHAPES),
         "sizes": {name: round(f * cfg.image_size // GRID) for name, f in SIZES.items()},  # half a box side, in pixels
@@ -442,7 +493,9 @@ def show(world_dir: Path, count: int, png: Path, model_dir: str | None = None) -
                 pen.text((left, y + row * line), text, fill=colour, font=font)
                 left += pen.textlength(text, font=font)
     png.parent.mkdir(parents=True, exist_ok=True)
-    grid.convert("P", palette=Image.ADAPTIVE, colors=64).save(png, optimize=True)  # few colours: a small file
+    # Few colours make a small file; an outline world's noise needs all 256 for the objects' colours to survive.
+    solid = json.loads((world_dir / "world.json").read_text())["config"].get("style", "solid") == "solid"
+    grid.convert("P", palette=Image.ADAPTIVE, colors=64 if solid else 256).save(png, optimize=True)
     return png
 
 
@@ -494,7 +547,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out/shapes", help="the world's folder (--show reads it)")
     for option in fields(ShapesConfig):
-        parser.add_argument(f"--{option.name.replace('_', '-')}", type=int, default=option.default)
+        kind = {"choices": STYLES} if option.name == "style" else {"type": int}
+        parser.add_argument(f"--{option.name.replace('_', '-')}", default=option.default, **kind)
     parser.add_argument("--show", type=int, default=0, metavar="N",
                         help="draw the first N eval images with their captions and questions into a PNG")
     parser.add_argument("--model", metavar="DIR", help="with --show: a trained model whose answers are shown beside "

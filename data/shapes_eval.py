@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nanovlm import benchmarks
 from nanovlm.checkpoint import write_json
-from nanovlm.generate import Sampling
+from nanovlm.generate import Sampling, answer
 from nanovlm.image import ImageProcessor
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.vlm import VLM
@@ -56,12 +56,14 @@ def format_table(scores: dict) -> str:
 
 
 def evaluate(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, world_dir: Path, batch_size: int = 64,
-             limit: int = 0) -> tuple[dict, list[dict]]:
+             limit: int = 0, respond=answer) -> tuple[dict, list[dict]]:
     """Greedy answers to every eval question (the first `limit` if > 0), through the same benchmark path as
-    `eval.py --task shapes`; returns the scores and the records with their predictions."""
+    `eval.py --task shapes` (`respond`: as for benchmarks.predict); returns the scores and the records with their
+    predictions."""
     benchmark = benchmarks.load("shapes", world_dir / "eval.json", limit)
     model.eval()
-    answers = benchmarks.predict(model, tokenizer, processor, benchmark, Sampling(max_new_tokens=24), batch_size)
+    answers = benchmarks.predict(model, tokenizer, processor, benchmark, Sampling(max_new_tokens=24), batch_size,
+                                 respond=respond)
     predictions = [r | {"prediction": a} for r, a in zip(benchmark.records, answers)]
     return score(benchmark.records, {r["id"]: r["prediction"] for r in predictions}), predictions
 
@@ -95,6 +97,17 @@ def seeds_table(header: str, rows: list[str], variants: dict[str, list[dict]], v
     return "\n".join(lines)
 
 
+def seed_scores(folders: list[Path], file: str) -> dict[str, list[dict]]:
+    """Each variant folder's runs, one subfolder per seed: folder name -> the "scores" of every */`file`."""
+    variants = {}
+    for folder in folders:
+        files = sorted(folder.glob(f"*/{file}"))
+        if not files:
+            raise SystemExit(f"{folder}: no */{file} (one subdirectory per seed)")
+        variants[folder.name] = [json.loads(f.read_text())["scores"] for f in files]
+    return variants
+
+
 def compare(variants: dict[str, list[dict]], split: str = "in_distribution") -> str:
     """Every question type's accuracy over seeds, per variant (`seeds_table`)."""
     return seeds_table("question", [*EVAL_TYPES, "overall"], variants, lambda run, qtype: run[split][qtype])
@@ -105,14 +118,10 @@ def main(argv: list[str] | None = None) -> str:
                                      "directory whose subdirectories (one per seed) hold eval_shapes.json.")
     parser.add_argument("variants", nargs="+", type=Path)
     parser.add_argument("--split", default="in_distribution", choices=["in_distribution", "holdout"])
+    parser.add_argument("--file", default="eval_shapes.json", help="the scores file in each seed's folder, e.g. "
+                        "eval_shapes_b.json for another domain's eval (eval.py --out)")
     args = parser.parse_args(argv)
-    variants = {}
-    for folder in args.variants:
-        files = sorted(folder.glob("*/eval_shapes.json"))
-        if not files:
-            raise SystemExit(f"{folder}: no */eval_shapes.json (one subdirectory per seed)")
-        variants[folder.name] = [json.loads(f.read_text())["scores"] for f in files]
-    table = compare(variants, args.split)
+    table = compare(seed_scores(args.variants, args.file), args.split)
     print(f"shapes world, {args.split}, exact match (%), mean ± std over seeds:\n{table}")
     return table
 

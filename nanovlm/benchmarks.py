@@ -14,6 +14,9 @@ Tasks and their JSONL lines (one question per line; image paths relative to the 
   (nanovlm/caption_metrics.py).
 - `caption_ranking`: {"id", "image", "caption", "negatives": {kind: caption}}; no generation: the true caption
   against corrupted ones by log-likelihood, accuracy per corruption kind (nanovlm/caption_ranking.py).
+- `grounding` (RefCOCO, RefCOCO+, RefCOCOg, the shapes world's): {"id", "image", "expression", "box": [x1, y1, x2,
+  y2] normalised on the padded square image, and optional fields to group by: "size", "objects", "split",
+  "dataset"}; Acc@IoU>=0.5 of the box parsed from the answer (nanovlm/grounding.py).
 
 The prompts are LLaVA-1.5's evaluation prompts, so a llava-hf checkpoint scores as in its paper's setting.
 """
@@ -24,6 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import grounding
 from .caption_metrics import caption_scores
 from .generate import Sampling, answer
 from .image import ImageProcessor
@@ -35,7 +39,7 @@ from .vqa_accuracy import vqa_accuracy
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
-TASKS = ("shapes", "vqa", "mc", "pope", "caption", "caption_ranking")
+TASKS = ("shapes", "vqa", "mc", "pope", "caption", "caption_ranking", "grounding")
 REQUIRED = {
     "shapes": ("id", "image", "question", "answer", "type", "split"),
     "vqa": ("question_id", "image", "question", "answers"),
@@ -43,6 +47,7 @@ REQUIRED = {
     "pope": ("question_id", "image", "question", "label"),
     "caption": ("image_id", "image", "references"),
     "caption_ranking": ("id", "image", "caption", "negatives"),
+    "grounding": ("id", "image", "expression", "box"),
 }
 
 
@@ -107,6 +112,10 @@ def check(task: str, record, place: str, folder: Path) -> None:
     if task == "caption_ranking" and not (isinstance(record["negatives"], dict) and record["negatives"] and all(
             isinstance(v, str) for v in [record["caption"], *record["negatives"].values()])):
         raise BadBenchmarkRecord(f"{place}: negatives must be a non-empty object of kind -> caption (strings)")
+    if task == "grounding" and not (grounding.is_valid(record["box"]) and isinstance(record["expression"], str)
+                                    and record["expression"].strip()):
+        raise BadBenchmarkRecord(f"{place}: box must be [x1, y1, x2, y2], finite, within [0, 1], x1 < x2 and y1 < y2, "
+                                 f"and expression a non-empty string; got box {record['box']!r}")
     if task == "pope" and record["label"] not in ("yes", "no"):
         raise BadBenchmarkRecord(f"{place}: label must be 'yes' or 'no', got {record['label']!r}")
     if record.get("image") and not (folder / record["image"]).is_file():
@@ -135,11 +144,14 @@ def load(task: str, path: str | Path, limit: int = 0) -> Benchmark:
 
 
 def predict(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, benchmark: Benchmark,
-            sampling: Sampling = Sampling(max_new_tokens=64), batch_size: int = 32, progress: bool = True) -> list[str]:
-    """The model's answer to every record, in order: batched generation with the model's chat template."""
+            sampling: Sampling = Sampling(max_new_tokens=64), batch_size: int = 32, progress: bool = True,
+            respond=answer) -> list[str]:
+    """The model's answer to every record, in order: batched generation with the model's chat template.
+    `respond` is how a list of questions gets answered: `generate.answer`, or a drop-in such as STIC's
+    describe-and-respond."""
     questions = [(benchmark.image(i), prompt(benchmark.task, r)) for i, r in enumerate(benchmark.records)]
-    return answer(model, tokenizer, processor, get_template(model.cfg.template), questions, sampling, batch_size,
-                  progress)
+    return respond(model, tokenizer, processor, get_template(model.cfg.template), questions, sampling, batch_size,
+                   progress)
 
 
 def prompt(task: str, record: dict) -> str:
@@ -151,6 +163,8 @@ def prompt(task: str, record: dict) -> str:
         return image + record["question"] + SHORT_ANSWER
     if task == "caption":
         return image + CAPTION_PROMPT
+    if task == "grounding":
+        return image + grounding.REC_PROMPT.format(record["expression"])
     context = f"Context: {record['context']}\n" if record.get("context") else ""
     options = "\n".join(f"{chr(ord('A') + i)}. {option}" for i, option in enumerate(record["options"]))
     return image + context + record["question"] + "\n" + options + LETTER_ANSWER
@@ -210,11 +224,15 @@ def score(benchmark: Benchmark, predictions: list[str]) -> dict:
         hypotheses = {benchmark.key(i): p for i, p in enumerate(predictions)}
         references = {benchmark.key(i): r["references"] for i, r in enumerate(records)}
         return caption_scores(hypotheses, references) | {"n": len(records)}
+    if task == "grounding":
+        return grounding.score(records, predictions)
     raise ValueError(f"the {task} task is scored by its own module (data/shapes_eval.py for shapes)")
 
 
 def format_scores(task: str, scores: dict) -> str:
     """A markdown table of a task's scores (every task but shapes), in percent where the metric is a fraction."""
+    if task == "grounding":
+        return grounding.format_table(scores)
     if task == "pope":
         columns = ("accuracy", "precision", "recall", "f1", "yes_ratio")
         rows = ["| category | " + " | ".join(columns) + " | n |", "|---|" + "---:|" * (len(columns) + 1)]

@@ -29,8 +29,12 @@ class Sampling:
     stop_strings: tuple[str, ...] = ()
 
 
-def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, vocab) logits -> (B,) token ids."""
+Generators = torch.Generator | list[torch.Generator] | None  # one for the batch, or one per sequence
+
+
+def sample_next(logits: torch.Tensor, s: Sampling, generator: Generators) -> torch.Tensor:
+    """(B, vocab) logits -> (B,) token ids. With one generator per sequence, a sequence draws the same tokens
+    whatever batch it is in."""
     if s.temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / s.temperature
@@ -43,12 +47,15 @@ def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | 
         # Drop a token once the tokens before it already hold top_p of the mass; the first always stays.
         drop = probs.cumsum(-1) - probs > s.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    probs = logits.softmax(-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 @torch.no_grad()
 def generate(model: VLM, tokenizer: Tokenizer, prompts: list[list[int]], pixel_values: torch.Tensor | None = None,
-             sampling: Sampling = Sampling(), generator: torch.Generator | None = None) -> list[list[int]]:
+             sampling: Sampling = Sampling(), generator: Generators = None) -> list[list[int]]:
     """Token ids of each prompt's continuation, without the end-of-sequence token.
 
     pixel_values holds the images of all prompts in reading order, as for VLM.embed.
@@ -94,7 +101,7 @@ def generate(model: VLM, tokenizer: Tokenizer, prompts: list[list[int]], pixel_v
 
 def generate_text(model: VLM, tokenizer: Tokenizer, prompts: list[list[int]],
                   pixel_values: torch.Tensor | None = None, sampling: Sampling = Sampling(),
-                  generator: torch.Generator | None = None) -> list[str]:
+                  generator: Generators = None) -> list[str]:
     """Decoded continuations, cut before the first stop string."""
     texts = []
     for ids in generate(model, tokenizer, prompts, pixel_values, sampling, generator):
@@ -107,9 +114,11 @@ def generate_text(model: VLM, tokenizer: Tokenizer, prompts: list[list[int]],
 
 def answer(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, template: Template,
            questions: list[tuple[Image.Image | str | Path | None, str]],
-           sampling: Sampling = Sampling(max_new_tokens=64), batch_size: int = 32, progress: bool = False) -> list[str]:
+           sampling: Sampling = Sampling(max_new_tokens=64), batch_size: int = 32, progress: bool = False,
+           generator: Generators = None) -> list[str]:
     """One answer per (image, image file or None; question), generated in batches with the chat template.
-    Image files are read batch by batch, so a benchmark of thousands of photos never sits in memory at once."""
+    Image files are read batch by batch, so a benchmark of thousands of photos never sits in memory at once.
+    `generator` may hold one generator per question."""
     sampling = replace(sampling, stop_strings=sampling.stop_strings or (template.stop_str,))
     answers = []
     for start in tqdm(range(0, len(questions), batch_size), disable=not progress, desc="answering"):
@@ -120,5 +129,6 @@ def answer(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, template
         images = [processor(load_image(image) if isinstance(image, (str, Path)) else image)
                   for image, _ in chunk if image is not None]
         pixels = torch.stack(images).to(model.language_model.embed_tokens.weight.device) if images else None
-        answers += generate_text(model, tokenizer, prompts, pixels, sampling)
+        answers += generate_text(model, tokenizer, prompts, pixels, sampling,
+                                 generator[start:start + batch_size] if isinstance(generator, list) else generator)
     return answers

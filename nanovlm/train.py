@@ -10,7 +10,9 @@ this file does the rest:
   clipping; a non-finite loss stops the run;
 - checkpoints (trainable weights, optimizer, step, every rank's RNG state, config) written atomically every
   `save_every` steps; `resume` continues from the newest one exactly (nanovlm/train_state.py);
-- a tqdm bar on rank 0 and metrics in `metrics.jsonl` next to the checkpoints.
+- a tqdm bar on rank 0 and metrics in `metrics.jsonl` next to the checkpoints, with any extra metrics the
+  objective reports (`Objective.metrics`, e.g. DPO's rewards), normalised like the loss.
+A dataset whose records are not single sequences (preference pairs) brings its own `collate(samples, pad_id)`.
 Sharding (FSDP) would replace `wrap` and the checkpoint state functions; nothing else.
 """
 
@@ -109,7 +111,8 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
                             epoch, cfg.seed, lengths)[offset:offset + total - step]
         dataset.set_epoch(epoch)  # before the loader's workers take their copy of the dataset
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=[mb for s in plan for mb in s],
-                                             collate_fn=partial(collate, pad_id=pad_id), num_workers=cfg.num_workers)
+                                             collate_fn=partial(getattr(dataset, "collate", collate), pad_id=pad_id),
+                                             num_workers=cfg.num_workers)
         batches = iter(loader)
         for micro_batches in plan:
             batch_list = [to_device(next(batches), env.device) for _ in micro_batches]
@@ -117,7 +120,7 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
             skipped += sum(b["skipped"] for b in batch_list)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * lr_factor(step, total, warmup, cfg.min_lr_ratio)
-            loss_sum = 0.0
+            loss_sum, extra_sums = 0.0, {}
             for i, batch in enumerate(batch_list):
                 sync = i == len(batch_list) - 1 or env.world_size == 1
                 with autocast, (nullcontext() if sync else model.no_sync()):
@@ -125,7 +128,10 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
                     # DDP averages gradients over ranks; scale so the step's gradient is sum / total targets.
                     (loss * env.world_size / max(targets, 1)).backward()
                 loss_sum += loss.item()
+                for name, value in objective.metrics().items():
+                    extra_sums[name] = extra_sums.get(name, 0.0) + value
             loss_value = env.sum(loss_sum) / max(targets, 1)
+            extras = {name: env.sum(value) / max(targets, 1) for name, value in extra_sums.items()}
             if not math.isfinite(loss_value):
                 raise RuntimeError(f"non-finite loss {loss_value} at step {step}; stopping (lower the learning rate "
                                    f"or check the data of this step)")
@@ -136,13 +142,13 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
             record = {"step": step, "epoch": epoch, "loss": loss_value, "grad_norm": float(grad_norm),
                       "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}, "targets": int(targets),
                       "skipped_records": int(env.sum(skipped)) + sum(getattr(dataset, "skipped", {}).values()),
-                      "elapsed_s": round(time.time() - start_time, 2)}
+                      "elapsed_s": round(time.time() - start_time, 2)} | extras
             history.append(record)
             if env.main and (step % cfg.log_every == 0 or step == total):
                 with open(log_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", **{name: f"{value:.4f}" for name, value in extras.items()})
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save_checkpoint(out_dir, step, trainable, optimizer, cfg, env, cfg.keep_checkpoints)
     bar.close()
@@ -162,6 +168,11 @@ class Objective(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model.loss(batch["input_ids"], batch["labels"], batch["pixel_values"], reduction="sum")
+
+    def metrics(self) -> dict[str, float]:
+        """Extra metrics of the last forward pass, each summed over its targets like the loss: the loop sums
+        them over micro-batches and ranks, divides by the step's target count and logs them beside the loss."""
+        return {}
 
 
 class Distributed:

@@ -21,7 +21,8 @@ from huggingface_hub import constants
 from huggingface_hub.hf_api import RepoFile
 from PIL import Image
 
-from data import coco_captions, hub, llava_mix665k, llava_pretrain, pope, textvqa
+from data import coco_captions, hub, llava_mix665k, llava_pretrain, pope, refcoco, textvqa
+from nanovlm.benchmarks import load
 from nanovlm.data import check_record
 
 COMMIT = "c0ffee" + "0" * 34
@@ -49,10 +50,12 @@ def jsonl(lines: list[dict]) -> bytes:
     return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
-def hub_dataset(home: Path, repo_id: str, files: dict[str, bytes], commit: str = COMMIT) -> None:
-    """Lay `files` (path in the repo -> content) out as huggingface_hub's cache of a dataset repo under
-    HF_HOME=home: content-named blobs, a snapshot of relative symlinks (nested paths included), refs/main."""
-    repo = home / "hub" / f"datasets--{repo_id.replace('/', '--')}"
+def hub_dataset(home: Path, repo_id: str, files: dict[str, bytes], commit: str = COMMIT,
+                kind: str = "datasets") -> None:
+    """Lay `files` (path in the repo -> content) out as huggingface_hub's cache of a dataset repo (a model repo with
+    kind="models") under HF_HOME=home: content-named blobs, a snapshot of relative symlinks (nested paths
+    included), refs/main."""
+    repo = home / "hub" / f"{kind}--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / commit
     (repo / "blobs").mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
@@ -407,6 +410,78 @@ def test_llava_mix665k(home, tmp_path, capsys):
     assert build["kept"] == 2 and [s["file"] for s in build["sources"]] == ["llava_v1_5_mix665k.json",
                                                                            "train2017.zip"]
     assert sorted(p.name for p in small.iterdir()) == ["build.json", "coco", "llava_v1_5_mix665k.json"]
+
+
+# --- RefCOCO, RefCOCO+, RefCOCOg (MDETR's files) --------------------------------------------------------------
+
+REFCOCO_IMAGES = {1: (40, 30), 2: (20, 32), 3: (16, 16)}  # COCO train2014 id -> (width, height)
+
+
+def mdetr_file(entries: list[tuple[int, str, list]], extra_annotation: bool = False) -> bytes:
+    """MDETR's COCO-style refexp file: an image entry per (coco id, expression, bbox), one annotation each."""
+    images = [{"file_name": f"COCO_train2014_{coco:012d}.jpg", "height": REFCOCO_IMAGES[coco][1],
+               "width": REFCOCO_IMAGES[coco][0], "id": i, "original_id": coco, "caption": expression,
+               "dataset_name": "refcoco", "tokens_negative": []} for i, (coco, expression, _) in enumerate(entries)]
+    annotations = [{"area": 1.0, "iscrowd": 0, "image_id": i, "category_id": 1, "id": i, "bbox": bbox,
+                    "original_id": 100 + i, "tokens_positive": []} for i, (_, _, bbox) in enumerate(entries)]
+    if extra_annotation:
+        annotations.append(annotations[0] | {"id": 99})
+    return json.dumps({"info": {}, "licenses": [], "images": images, "annotations": annotations,
+                       "categories": []}).encode()
+
+
+def refcoco_fixture(home: Path, testa: list | None = None, sizes: dict | None = None, **kwargs) -> None:
+    testa = testa or [(1, "man on the left", [4, 6, 10, 8]), (2, "tall tree", [2, 4, 6, 10]),
+                      (1, "the right dog", [20, 0, 20, 30])]
+    files = {"mdetr_annotations/finetune_refcoco_testA.json": mdetr_file(testa, **kwargs),
+             "mdetr_annotations/finetune_refcocog_val.json": mdetr_file([(3, "a square", [0, 0, 16, 16])])}
+    hub_dataset(home, "GLIPModel/GLIP", files, kind="models")
+    members = {}
+    for coco, size in (sizes or REFCOCO_IMAGES).items():
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (coco * 60, 0, 0)).save(buffer, "JPEG")
+        members[f"train2014/COCO_train2014_{coco:012d}.jpg"] = buffer.getvalue()
+    hub_dataset(home, "nyanko7/coco-hosted", {"train2014.zip": zip_bytes(members)})
+
+
+def test_refcoco_boxes_on_the_padded_square(home, tmp_path, capsys):
+    refcoco_fixture(home)
+    out = tmp_path / "refcoco"
+    build = refcoco.main(["--out", str(out), "--sets", "refcoco_testA", "refcocog_val", "--force"])
+    records = read_jsonl(out / "refcoco_testA.jsonl")
+    assert records[0] == {"id": "refcoco_testA-0", "image": "images/COCO_train2014_000000000001.jpg",
+                          "expression": "man on the left", "box": [0.1, 0.275, 0.35, 0.475], "dataset": "refcoco",
+                          "split": "testA", "width": 40, "height": 30}  # 40x30 padded to 40x40: 5 rows above
+    assert records[1]["box"] == [0.25, 0.125, 0.4375, 0.4375]  # 20x32 padded to 32x32: 6 columns to the left
+    assert records[2]["box"] == [0.5, 0.125, 1.0, 0.875]
+    assert read_jsonl(out / "refcocog_val.jsonl")[0]["box"] == [0.0, 0.0, 1.0, 1.0]
+    benchmark = load("grounding", out / "refcoco_testA.jsonl")  # what eval.py --task grounding reads
+    assert [r["expression"] for r in benchmark.records] == ["man on the left", "tall tree", "the right dog"]
+    assert_images_open(out, records)
+    assert build["expressions"] == {"refcoco_testA": 3, "refcocog_val": 1}
+    assert build["sources"][0] == {"repo": "GLIPModel/GLIP", "repo_type": "model",
+                                   "file": "mdetr_annotations/finetune_refcoco_testA.json", "commit": COMMIT}
+    assert "refcoco_testA): 3 found, the published count is 5657" in capsys.readouterr().err
+    with pytest.raises(hub.BuildError, match="published count is 5657 \\(--force to build anyway\\)"):
+        refcoco.main(["--out", str(out), "--sets", "refcoco_testA"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"testa": [(1, "a man", [4, 6, -10, 8])]}, r"finetune_refcoco_testA\.json annotations\[0\] \(image entry 0\): "
+                                                 r"bbox \[4, 6, -10, 8\] is not a box inside its 40x30 image"),
+    ({"testa": [(1, "a man", [30, 6, 20, 8])]}, r"bbox \[30, 6, 20, 8\] is not a box inside"),
+    ({"testa": [(1, "a man", [1, 2, 3])]}, r"bbox \[1, 2, 3\] is not a box"),
+    ({"testa": [(1, "a man", [1, 2, 3, "x"])]}, r"is not a box"),
+    ({"testa": [(1, "", [1, 2, 3, 4])]}, r"images\[0\] \(id 0\): empty expression"),
+    ({"extra_annotation": True}, r"images\[0\] \(id 0\): 2 annotations, expected exactly one"),
+    ({"sizes": {1: (40, 31), 2: (20, 32), 3: (16, 16)}}, r"refcoco_testA-0: .* is \(40, 31\), its annotation says "
+                                                         r"\(40, 30\)"),
+])
+def test_refcoco_bad_annotations_are_named(home, tmp_path, change, message):
+    refcoco_fixture(home, **change)
+    with pytest.raises(hub.BuildError, match=message):
+        refcoco.main(["--out", str(tmp_path / "refcoco"), "--sets", "refcoco_testA", "--force"])
+    assert not (tmp_path / "refcoco" / "refcoco_testA.jsonl").exists()
 
 
 # --- hub helpers ------------------------------------------------------------------------------------------------

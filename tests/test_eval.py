@@ -131,7 +131,7 @@ def llava_dir(tmp_path_factory, llama_tokenizer_dir) -> Path:
     return path
 
 
-@pytest.mark.parametrize("task", ["vqa", "pope", "mc", "caption"])
+@pytest.mark.parametrize("task", ["vqa", "pope", "mc", "caption", "grounding"])
 def test_eval_script_writes_every_prediction_and_its_scores(task, images, llava_dir, tmp_path):
     lines = {
         "vqa": [vqa_line(i) for i in range(5)],
@@ -141,6 +141,8 @@ def test_eval_script_writes_every_prediction_and_its_scores(task, images, llava_
                 **({"image": f"images/{i % 3}.png"} if i % 2 else {})} for i in range(5)],
         "caption": [{"image_id": i, "image": f"images/{i % 3}.png", "references": ["a red image", "red"]}
                     for i in range(5)],
+        "grounding": [{"id": i, "image": f"images/{i % 3}.png", "expression": "the red square",
+                       "box": [0.1, 0.2, 0.5, 0.6], "size": "small"} for i in range(5)],
     }[task]
     data = write_jsonl(images / f"{task}.jsonl", lines)
     out = tmp_path / "preds.json"
@@ -148,7 +150,8 @@ def test_eval_script_writes_every_prediction_and_its_scores(task, images, llava_
                                "--batch_size", "2", "--max_new_tokens", "5"])
     written = json.loads(out.read_text())
     assert written["scores"] == json.loads(json.dumps(scores))
-    assert [p["question_id" if task != "caption" else "image_id"] for p in written["predictions"]] == list(range(5))
+    key = {"caption": "image_id", "grounding": "id"}.get(task, "question_id")
+    assert [p[key] for p in written["predictions"]] == list(range(5))
     # the same answers, asked one at a time outside eval.py, give the same predictions
     model, tokenizer, processor = load_pretrained(str(llava_dir))
     benchmark = load(task, data)

@@ -10,10 +10,11 @@ import train_align
 import train_iccc
 import train_selfq
 import train_sft
+import train_stic
 from nanovlm.config import field_comments, show_value
 from nanovlm.recipe import parse
 
-SCRIPTS = {"align": train_align, "sft": train_sft, "selfq": train_selfq, "iccc": train_iccc}
+SCRIPTS = {"align": train_align, "sft": train_sft, "selfq": train_selfq, "iccc": train_iccc, "stic": train_stic}
 
 
 @pytest.mark.parametrize("stage", SCRIPTS)

@@ -22,23 +22,31 @@ from train_align import shapes_corpus
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(init, world, out, *args, processes=1, timeout=300, wait=True, script="train_sft.py"):
-    """Run a training script on the small world from `init`, as one process or under torchrun; its metrics."""
-    script = [str(ROOT / script), "--init", str(init), "--data", str(world / "instruct.json"),
-              "--out_dir", str(out), "--global_batch_size", "16", *args]
+def run_script(script: list[str], processes: int = 1, timeout: int = 300, wait: bool = True):
+    """Run `script` (a script of the repository and its arguments) as one process or under torchrun with gloo;
+    its stdout once it has succeeded, or the running process if not `wait`."""
     if processes > 1:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                   "--master_addr=127.0.0.1", f"--master_port={port}", *script]
+                   "--master_addr=127.0.0.1", f"--master_port={port}", str(ROOT / script[0]), *script[1:]]
     else:
-        command = [sys.executable, *script]
+        command = [sys.executable, str(ROOT / script[0]), *script[1:]]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if not wait:
         return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def launch(init, world, out, *args, processes=1, timeout=300, wait=True, script="train_sft.py"):
+    """Run a training script on the small world from `init`, as one process or under torchrun; its metrics."""
+    running = run_script([script, "--init", str(init), "--data", str(world / "instruct.json"), "--out_dir", str(out),
+                          "--global_batch_size", "16", *args], processes, timeout, wait)
+    if not wait:
+        return running
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
