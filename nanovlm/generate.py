@@ -29,6 +29,7 @@ class Sampling:
     stop_strings: tuple[str, ...] = ()
 
 
+STATIC_CACHE_MULTIPLE = 128
 Generators = torch.Generator | list[torch.Generator] | None  # one for the batch, or one per sequence
 
 
@@ -58,45 +59,73 @@ def generate(model: VLM, tokenizer: Tokenizer, prompts: list[list[int]], pixel_v
              sampling: Sampling = Sampling(), generator: Generators = None) -> list[list[int]]:
     """Token ids of each prompt's continuation, without the end-of-sequence token.
 
-    pixel_values holds the images of all prompts in reading order, as for VLM.embed.
+    pixel_values holds the images of all prompts in reading order, as for VLM.embed. Decoding steps run through
+    `LLM.compiled_decode` when `LLM.compile_decoding` has set one, with a static cache; else eagerly.
     """
     device = model.language_model.embed_tokens.weight.device
     llm, B, L = model.language_model, len(prompts), max(len(p) for p in prompts)
+    static = llm.compiled_decode is not None  # a static cache attends to all `total` positions: always masked
+    total = L + sampling.max_new_tokens  # cache positions; a static cache's rounded up, so that batches of
+    if static:  # somewhat different lengths share one compiled step
+        total = -(-total // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
     ids = torch.full((B, L), tokenizer.pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros(B, L + sampling.max_new_tokens, dtype=torch.bool, device=device)
+    valid = torch.zeros(B, total, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
         ids[i, L - len(p):] = torch.tensor(p, device=device)
         valid[i, L - len(p):L] = True
     padded = not bool(valid[:, :L].all())
     position_ids = (valid[:, :L].cumsum(-1) - 1).clamp(min=0)
     mask = None
-    if padded:
-        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    if padded or static:
+        keys = total if static else L
+        causal = torch.ones(L, keys, dtype=torch.bool, device=device).tril()
         # A padding query would see no key at all (NaN in softmax); let it see itself. Its output is unused.
-        mask = (causal & valid[:, None, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
+        itself = torch.eye(L, keys, dtype=torch.bool, device=device)
+        mask = (causal & valid[:, None, None, :keys]) | itself  # (B, 1, L, keys)
     embeds = model.embed(ids, pixel_values)
-    cache = KVCache(llm.cfg, B, L + sampling.max_new_tokens, device, embeds.dtype)
-    hidden = llm(embeds, position_ids, mask, cache)[:, -1]
+    cache = KVCache(llm.cfg, B, total, device, embeds.dtype, static)
+    logits = llm.lm_head(llm(embeds, position_ids, mask, cache)[:, -1])  # (B, vocab)
+    decode = llm.compiled_decode or llm.decode
     next_position = position_ids[:, -1] + 1
+    stops = StopStrings(tokenizer, sampling.stop_strings)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(B)]
     for step in range(sampling.max_new_tokens):
-        logits = llm.lm_head(hidden)
-        if model.cfg.image_token_id < logits.shape[-1]:
-            logits[:, model.cfg.image_token_id] = float("-inf")  # a placeholder, never text
+        if model.cfg.image_token_id < logits.shape[-1]:  # a placeholder, never text
+            logits = logits.index_fill(-1, torch.tensor([model.cfg.image_token_id], device=device), float("-inf"))
         token = sample_next(logits, sampling, generator)
         done |= token == tokenizer.eos_id
+        tokens = token.tolist()
         for i in (~done).nonzero()[:, 0].tolist():
-            out[i].append(int(token[i]))
-            if sampling.stop_strings and any(s in tokenizer.decode(out[i]) for s in sampling.stop_strings):
+            out[i].append(tokens[i])
+            if stops.found(out[i]):
                 done[i] = True
         if done.all() or step == sampling.max_new_tokens - 1:
             break
         valid[:, L + step] = True
-        step_mask = valid[:, None, None, :L + step + 1] if padded else None
-        hidden = llm(llm.embed_tokens(token[:, None]), next_position[:, None], step_mask, cache)[:, -1]
+        step_mask = valid[:, None, None, :] if static else valid[:, None, None, :L + step + 1] if padded else None
+        logits = decode(token, next_position, step_mask, cache)
         next_position += 1
     return out
+
+
+class StopStrings:
+    """Whether a continuation's text contains a stop string, at a cost that does not grow with its length: a
+    string completed by the newest token lies within its last len(string) tokens (every token adds at least a
+    character), so only a tail of that many tokens, plus a margin for tokens that add none (byte pieces of one
+    character), is decoded."""
+
+    MARGIN = 8
+
+    def __init__(self, tokenizer: Tokenizer, strings: tuple[str, ...]):
+        self.tokenizer, self.strings = tokenizer, strings
+        self.tail = max((len(s) for s in strings), default=0) + self.MARGIN
+
+    def found(self, ids: list[int]) -> bool:
+        if not self.strings:
+            return False
+        text = self.tokenizer.decode(ids[-self.tail:])
+        return any(s in text for s in self.strings)
 
 
 def generate_text(model: VLM, tokenizer: Tokenizer, prompts: list[list[int]],
@@ -115,20 +144,25 @@ def generate_text(model: VLM, tokenizer: Tokenizer, prompts: list[list[int]],
 def answer(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, template: Template,
            questions: list[tuple[Image.Image | str | Path | None, str]],
            sampling: Sampling = Sampling(max_new_tokens=64), batch_size: int = 32, progress: bool = False,
-           generator: Generators = None) -> list[str]:
-    """One answer per (image, image file or None; question), generated in batches with the chat template.
-    Image files are read batch by batch, so a benchmark of thousands of photos never sits in memory at once.
-    `generator` may hold one generator per question."""
+           generator: Generators = None, by_length: bool = True) -> list[str]:
+    """One answer per (image, image file or None; question), in the order given, generated in batches with the
+    chat template. With `by_length` the batches are formed longest prompt first, so that a batch's prompts are of
+    similar lengths and little of it is padding; the answers are the same (a padded prompt generates what it
+    would alone). Image files are read batch by batch, so a benchmark of thousands of photos never sits in
+    memory at once. `generator` may hold one generator per question."""
     sampling = replace(sampling, stop_strings=sampling.stop_strings or (template.stop_str,))
-    answers = []
+    prompts = [tokenize_conversation(tokenizer, template, [{"from": "human", "value": question}],
+                                     model.cfg.num_image_tokens(), generation_prompt=True)[0]
+               for _, question in questions]
+    order = sorted(range(len(questions)), key=lambda i: -len(prompts[i])) if by_length else list(range(len(questions)))
+    answers = [""] * len(questions)
     for start in tqdm(range(0, len(questions), batch_size), disable=not progress, desc="answering"):
-        chunk = questions[start:start + batch_size]
-        prompts = [tokenize_conversation(tokenizer, template, [{"from": "human", "value": question}],
-                                         model.cfg.num_image_tokens(), generation_prompt=True)[0]
-                   for _, question in chunk]
+        chunk = order[start:start + batch_size]
         images = [processor(load_image(image) if isinstance(image, (str, Path)) else image)
-                  for image, _ in chunk if image is not None]
+                  for image, _ in (questions[i] for i in chunk) if image is not None]
         pixels = torch.stack(images).to(model.language_model.embed_tokens.weight.device) if images else None
-        answers += generate_text(model, tokenizer, prompts, pixels, sampling,
-                                 generator[start:start + batch_size] if isinstance(generator, list) else generator)
+        generators = [generator[i] for i in chunk] if isinstance(generator, list) else generator
+        texts = generate_text(model, tokenizer, [prompts[i] for i in chunk], pixels, sampling, generators)
+        for i, text in zip(chunk, texts):
+            answers[i] = text
     return answers

@@ -111,20 +111,43 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions and filled left to right."""
+    """Keys and values of every layer, preallocated for `max_len` positions and filled left to right.
+
+    A dynamic cache attends to the positions filled so far. A static one (`static=True`) keeps every shape fixed,
+    which torch.compile needs to compile a decoding step once and CUDA graphs need to replay it: it writes at a
+    position held in a tensor and always attends to all `max_len` positions, the caller's mask hiding the unfilled
+    ones (zeros, never garbage, so a masked score is finite).
+    """
 
     def __init__(self, cfg: LLMConfig, batch: int, max_len: int, device: str | torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, static: bool = False):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.length = 0  # positions filled, advanced by LLM.forward after all layers wrote
+        new = torch.zeros if static else torch.empty
+        self.k = [new(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [new(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.static = static
+        self.length = 0  # positions filled (dynamic), advanced by LLM.forward after all layers wrote
+        self.position = torch.zeros((), dtype=torch.long, device=device)  # the same count, as a tensor (static)
+        if static:  # CUDA graphs may keep these addresses: they are updated in place, never replaced
+            for t in (*self.k, *self.v, self.position):
+                torch._dynamo.mark_static_address(t)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static:
+            index = self.position + torch.arange(k.shape[2], device=k.device)
+            self.k[layer].index_copy_(2, index, k)
+            self.v[layer].index_copy_(2, index, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        if self.static:
+            self.position += n
+        else:
+            self.length += n
 
 
 class Attention(nn.Module):
@@ -188,6 +211,7 @@ class LLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.gradient_checkpointing = False
+        self.compiled_decode = None  # set by compile_decoding()
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape (B, 1, T, head_dim), computed in float32 like the reference."""
@@ -208,8 +232,8 @@ class LLM(nn.Module):
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
-        if mask is None and past > 0 and T > 1:
-            raise ValueError("a multi-token step after the prefill needs an explicit mask")
+        if mask is None and (past > 0 and T > 1 or cache is not None and cache.static):
+            raise ValueError("a multi-token step after the prefill, or any step with a static cache, needs a mask")
         cos, sin = self.rope(position_ids, inputs_embeds.dtype)  # (B, 1, T, head_dim)
         x = inputs_embeds  # (B, T, D) all the way through
         for block in self.layers:
@@ -218,8 +242,25 @@ class LLM(nn.Module):
             else:
                 x = block(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.norm(x)
+
+    def decode(self, tokens: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+               cache: KVCache) -> torch.Tensor:
+        """One generation step: (B,) tokens at (B,) positions, appended to `cache` -> (B, vocab) next-token logits."""
+        hidden = self(self.embed_tokens(tokens[:, None]), position_ids[..., None], mask, cache)  # (B, 1, D)
+        return self.lm_head(hidden[:, -1])
+
+    def compile_decoding(self) -> None:
+        """Generate through a torch.compile'd `decode`: nanovlm/generate.py then keeps a static cache, so the step
+        compiles once per batch shape (at the first generation of that shape; about a minute for a 135M model on
+        a CPU) and runs as one fused program. On GPU it is replayed as a CUDA graph (mode "reduce-overhead"). On
+        CPU the weights are frozen into it as constants, prepacked for the CPU's matmul kernels (inductor's
+        freezing): the model's weights must not change afterwards, so this is for evaluation, not training."""
+        cuda = self.embed_tokens.weight.device.type == "cuda"
+        self.compiled_decode = torch.compile(self.decode, fullgraph=True, dynamic=False,
+                                             mode="reduce-overhead" if cuda else None,
+                                             options=None if cuda else {"freezing": True})
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:

@@ -1,6 +1,7 @@
 """eval.py and nanovlm/benchmarks.py: benchmark files checked line by line, the task metrics, and whole runs on a
 trained tiny model and on a llava-hf checkpoint."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import eval as eval_script
@@ -161,6 +163,42 @@ def test_eval_script_writes_every_prediction_and_its_scores(task, images, llava_
              for q in questions]
     assert [p["prediction"] for p in written["predictions"]] == alone
     assert score(benchmark, alone) == scores
+
+
+def test_length_sorted_batches_give_the_unsorted_answers(llava_dir, images, monkeypatch):
+    """answer() batches questions longest prompt first and returns them in the order asked: the same answers as
+    batches in the given order, greedy and sampled with one generator per question."""
+    generation = importlib.import_module("nanovlm.generate")  # the module; nanovlm.generate is the function
+    batches = []
+    generate_text = generation.generate_text
+    monkeypatch.setattr(generation, "generate_text",
+                        lambda model, tok, prompts, *rest: batches.append([len(p) for p in prompts]) or
+                        generate_text(model, tok, prompts, *rest))
+    model, tokenizer, processor = load_pretrained(str(llava_dir))
+    template = get_template(model.cfg.template)
+    questions = [(images / "images" / f"{i % 3}.png" if i % 2 else None, "<image>\n" * (i % 2) + "colour? " * (1 + i))
+                 for i in range(7)]
+    for sampling, seeded in ((Sampling(max_new_tokens=6), False), (Sampling(max_new_tokens=6, temperature=1.0), True)):
+        runs = [answer(model, tokenizer, processor, template, questions, sampling, batch_size=3, by_length=by_length,
+                       generator=[torch.Generator().manual_seed(i) for i in range(7)] if seeded else None)
+                for by_length in (True, False)]
+        assert runs[0] == runs[1] and len(set(runs[0])) > 1
+    sorted_lengths = [n for batch in batches[:3] for n in batch]
+    assert sorted_lengths == sorted(sorted_lengths, reverse=True) != [n for batch in batches[3:6] for n in batch]
+
+
+@pytest.mark.slow
+def test_compiled_decoding_answers_as_eager(images, llava_dir, tmp_path, capsys):
+    """eval.py --compile (a static cache, the step compiled per batch shape) predicts what the eager run does."""
+    data = write_jsonl(images / "compiled.jsonl", [vqa_line(i, question="What colour? " * (1 + i)) for i in range(5)])
+    runs = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"preds{len(flags)}.json"
+        eval_script.main([str(llava_dir), "--task", "vqa", "--data", str(data), "--out", str(out), "--batch_size", "2",
+                          "--max_new_tokens", "6", *flags])
+        runs.append([p["prediction"] for p in json.loads(out.read_text())["predictions"]])
+    assert runs[0] == runs[1]
+    assert "questions/s" in capsys.readouterr().out
 
 
 def test_one_question_mode(llava_dir, images, capsys):

@@ -1,10 +1,11 @@
-"""KV-cache generation against cache-free decoding, and batching with padding against one prompt at a time."""
+"""KV-cache generation against cache-free decoding, batching with padding against one prompt at a time, and the
+static cache and compiled decoding step against the eager ones."""
 
 import pytest
 import torch
 
 import hub_models
-from nanovlm.generate import Sampling, generate, generate_text, sample_next
+from nanovlm.generate import Sampling, StopStrings, generate, generate_text, sample_next
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.vlm import VLM
 
@@ -125,3 +126,58 @@ def test_seeded_sampling_is_reproducible(model, tokenizer):
     runs = [generate(model, tokenizer, prompts[:1], images[0], sampling, torch.Generator().manual_seed(7))
             for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_stop_strings_are_found_where_the_whole_text_finds_them(model, tokenizer):
+    """The tail StopStrings decodes finds a stop string at the same token as decoding everything would."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        ids = torch.randint(3, tokenizer.tok.get_vocab_size(), (40,), generator=g).tolist()
+        text = tokenizer.decode(ids)
+        start = int(torch.randint(0, max(1, len(text) - 4), (1,), generator=g))
+        stop = text[start:start + int(torch.randint(1, 5, (1,), generator=g))]
+        stops = StopStrings(tokenizer, (stop,))
+        first_whole = next(n for n in range(1, len(ids) + 1) if stop in tokenizer.decode(ids[:n]))
+        assert next(n for n in range(1, len(ids) + 1) if stops.found(ids[:n])) == first_whole
+
+
+class Recording:
+    """A decoding step that keeps every step's logits."""
+
+    def __init__(self, step):
+        self.step, self.logits = step, []
+
+    def __call__(self, *args):
+        self.logits.append(self.step(*args).clone())
+        return self.logits[-1]
+
+
+def padded_batch():
+    prompts, images = prompts_and_images()
+    return prompts, torch.cat([im for im in images if im is not None])
+
+
+def test_static_cache_generates_what_the_dynamic_one_does(model, tokenizer):
+    """The static cache (fixed shapes, masked unfilled positions) run eagerly: same tokens as the dynamic one."""
+    prompts, images = padded_batch()
+    want = generate(model, tokenizer, prompts, images, Sampling(max_new_tokens=15))
+    model.language_model.compiled_decode = model.language_model.decode  # the static path, not compiled
+    try:
+        got = generate(model, tokenizer, prompts, images, Sampling(max_new_tokens=15))
+    finally:
+        model.language_model.compiled_decode = None
+    assert got == want
+
+
+@pytest.mark.slow
+def test_compiled_decoding_matches_eager(tmp_path, tokenizer):
+    """torch.compile'd decoding steps (weights frozen into them) give the eager steps' logits to 1e-5."""
+    model = VLM.from_pretrained(str(hub_models.llava(tmp_path, image_token_id=IMAGE))).eval()
+    llm, (prompts, images) = model.language_model, padded_batch()
+    llm.compiled_decode = eager = Recording(llm.decode)
+    want = generate(model, tokenizer, prompts, images, Sampling(max_new_tokens=15))
+    llm.compile_decoding()
+    llm.compiled_decode = compiled = Recording(llm.compiled_decode)
+    assert generate(model, tokenizer, prompts, images, Sampling(max_new_tokens=15)) == want
+    assert len(compiled.logits) == len(eager.logits) == 14
+    assert max((a - b).abs().max().item() for a, b in zip(compiled.logits, eager.logits)) <= 1e-5
