@@ -41,7 +41,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt", help="the question to ask about --image")
     parser.add_argument("--temperature", type=float, default=0.0, help="one-question mode; 0 is greedy")
     parser.add_argument("--self_questions", type=int, default=0,
-                        help="with --image: describe it, then pose N questions about it (SQ-LLaVA models)")
+                        help="with --image: describe it, then pose N questions about it as the visual user of "
+                             "the v1_sq template (SQ-LLaVA models)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of --self_questions")
     parser.add_argument("--revision", help="Hub revision of MODEL")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict | str | list[str]:
     model, tokenizer, processor = load_pretrained(args.model, args.revision, dtype, args.device)
     model.eval()
     if args.self_questions:
-        description, questions = ask_questions(model, tokenizer, processor, get_template(model.cfg.template),
+        # SQ-LLaVA answers with its chat template but asks as the visual user of v1_sq, the template it trained with
+        description, questions = ask_questions(model, tokenizer, processor, get_template("v1_sq"),
                                                load_image(args.image), args.self_questions,
                                                generator=torch.Generator(args.device).manual_seed(args.seed))
         print(f"description: {description}\n" + "\n".join(f"VUSER: {q}" for q in questions))
