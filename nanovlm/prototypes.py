@@ -17,11 +17,16 @@ lr 1e-3), and train_selfq.py continues it. Where this differs from the paper or 
 - the nearest centre is a hard assignment, as in the code; the paper writes a soft average over all centres;
 - v(x) is normalised along the feature axis (`key_norm="feature"`): each patch's key is a unit vector, so A
   holds cosines between centres and patches. The code normalises along the token axis (`key_norm="token"`,
-  kept for comparison): each feature channel is scaled to unit norm over the image's patches;
+  `train_align.py --prototype_norm token`): each feature channel is scaled to unit norm over the image's
+  patches. The feature axis was chosen on the view that the token axis keeps A near-uniform; the
+  measurement below does not bear that view out;
 - what follows is the model's own projector (LLaVA-1.5's mlp2x_gelu); the official extractor ends in its own
   Linear-QuickGELU-Linear MLP, which plays the same part.
-Neither axis puts a temperature on the cosines, so A starts uniform to about 1e-6 either way (at K = 8 on the
-tiny preset; data/prototype_entropy.py measures how far training moves it, results/prototype_entropy.json).
+Neither axis puts a temperature on the logits of A. Along the feature axis they are cosines in [-1, 1], so a
+patch's largest weight is at most e / (e + (K - 1) / e), 0.51 at K = 8 and 0.028 at K = 256, whatever
+training does; along the token axis a key's length is free. A new extractor assigns uniformly under either
+axis (1 - H / log K below 1e-3); on the shapes world training moved the token axis's assignment further
+from uniform than the feature axis's at stage 2 (data/prototype_entropy.py, results/prototype_entropy.md).
 """
 
 import torch
