@@ -50,7 +50,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt", help="the question to ask about --image")
     parser.add_argument("--temperature", type=float, default=0.0, help="one-question mode; 0 is greedy")
     parser.add_argument("--self_questions", type=int, default=0,
-                        help="with --image: describe it, then pose N questions about it (SQ-LLaVA models)")
+                        help="with --image: describe it, then pose N questions about it as the visual user of "
+                             "the v1_sq template (SQ-LLaVA models)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of --self_questions")
     parser.add_argument("--dar", action="store_true",
                         help="STIC's describe-and-respond: describe each image first, then answer with the description")
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict | str | list[str]:
         model.language_model.compile_decoding()
     respond = partial(describe_and_respond, description_tokens=args.description_tokens) if args.dar else answer
     if args.self_questions:
-        description, questions = ask_questions(model, tokenizer, processor, get_template(model.cfg.template),
+        # SQ-LLaVA answers with its chat template but asks as the visual user of v1_sq, the template it trained with
+        description, questions = ask_questions(model, tokenizer, processor, get_template("v1_sq"),
                                                load_image(args.image), args.self_questions,
                                                generator=torch.Generator(args.device).manual_seed(args.seed))
         print(f"description: {description}\n" + "\n".join(f"VUSER: {q}" for q in questions))

@@ -5,7 +5,8 @@ Recipe (LLaVA-1.5, Liu et al., CVPR 2024, scripts/v1_5/finetune.sh): the chat te
 (`vicuna_v1` for LLaVA-1.5), loss on the assistant's answers only; the projector and the LLM train at lr 2e-5,
 the vision tower stays frozen; global batch 128, one epoch, cosine decay after 3% warmup, no weight decay. It
 continues the stage-1 checkpoint (--init, by default train_align.py's output). On the tiny preset it trains
-on the shapes world's multi-turn QA and then prints the shapes evaluation and a few sample answers.
+on the shapes world's multi-turn QA and then prints the shapes evaluation and a few sample answers;
+--eval_every N logs the accuracy on --eval_questions eval questions every N steps.
 
 Where this departs from the official code: the mean is over the answer tokens of the whole global batch
 (nanovlm/train.py), where the official trainer averages each device's micro-batch first, so that there a
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     is_shapes = PRESETS[run.preset].vision is None and not run.data
     if is_shapes:
         run.data = [DataSource(SHAPES_DIR / "instruct.json")]
-    fit(run, model, tokenizer, processor, dataset(run, model, tokenizer, processor, model.cfg.template))
+    fit(run, model, tokenizer, processor, dataset(run, model, tokenizer, processor, model.cfg.template),
+        evaluate=shapes_eval.tracker_for(run, model, tokenizer, processor))
     if is_shapes and run.env.main:
         shapes_eval.report(model, tokenizer, processor, SHAPES_DIR, Path(run.cfg.out_dir))
 

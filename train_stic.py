@@ -53,7 +53,7 @@ from nanovlm.checkpoint import write_json
 from nanovlm.data import DataSource
 from nanovlm.dpo import ALPHA, BETA, DPOObjective, PreferenceDataset
 from nanovlm.generate import Sampling
-from nanovlm.lora import add_lora, load_adapter, lora_layers, save_adapter
+from nanovlm.lora import add_lora, lora_layers
 from nanovlm.presets import PRESETS
 from nanovlm.recipe import SHAPES_DIR, dataset, fit, parse, stage_dir, start_from
 from nanovlm.stic import (
@@ -70,7 +70,6 @@ from nanovlm.stic import (
 )
 from nanovlm.templates import get_template
 from nanovlm.train import TrainConfig
-from nanovlm.vlm import PEFT_RENAMES, PEFT_TO_MODULE
 
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STEPS = ("preferences", "dpo", "describe")
@@ -125,7 +124,7 @@ METHODS = {
 
 
 def finished(folder: Path) -> bool:
-    return (folder / "adapter" / "adapter_config.json").is_file()
+    return (folder / "adapter" / "nanovlm.json").is_file()  # written last by VLM.save_adapter
 
 
 def set_lora_dropout(model: nn.Module, p: float) -> None:
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         dpo = replace(run, cfg=replace(run.cfg, out_dir=str(out / "dpo")), data=[DataSource(pairs.path)])
         fit(dpo, model, tokenizer, processor, pairs, DPOObjective(model, stic.beta, stic.alpha))
         if env.main:
-            save_adapter(model, out / "dpo" / "adapter", PEFT_RENAMES, init)
+            model.save_adapter(out / "dpo" / "adapter", init, modules_to_save=())  # the projector stays frozen
             if on_shapes:
                 print("\nafter STIC's DPO:")
                 shapes_eval.report(model, tokenizer, processor, SHAPES_DIR, out / "dpo")
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         if not lora_layers(model):
             if not finished(out / "dpo"):
                 raise SystemExit(f"{out / 'dpo' / 'adapter'} does not exist: run --step dpo first")
-            load_adapter(model, out / "dpo" / "adapter", PEFT_TO_MODULE)
+            model.load_adapter(out / "dpo" / "adapter")
         image_folder = Path(stic.sft_image_folder) if stic.sft_image_folder else sft_data.parent
         records, skipped = sft_slice(sft_data, image_folder, stic.num_sft, run.cfg.seed, run.cfg.skip_bad_records)
         if skipped and env.main:
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                       data=[DataSource(out / "described.json", image_folder=image_folder)])
         fit(sft, model, tokenizer, processor, dataset(sft, model, tokenizer, processor, model.cfg.template))
         if env.main:
-            save_adapter(model, out / "adapter", PEFT_RENAMES, init)
+            model.save_adapter(out / "adapter", init, modules_to_save=("multi_modal_projector",))
             if on_shapes:
                 print("\nafter STIC (DPO and description-infused fine-tuning):")
                 shapes_eval.report(model, tokenizer, processor, SHAPES_DIR, out)

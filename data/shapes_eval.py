@@ -1,17 +1,20 @@
 """Scoring a model on the shapes world's eval split: exact match per question type, in-distribution and on the
-compositional hold-out (colour-shape pairs never seen in training)."""
+compositional hold-out (colour-shape pairs never seen in training); during training, an accuracy curve
+(`--eval_every`); across runs, tables of variants over seeds (`python -m data.shapes_eval`)."""
 
 import argparse
 import json
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from nanovlm import benchmarks
 from nanovlm.checkpoint import write_json
 from nanovlm.generate import Sampling, answer
 from nanovlm.image import ImageProcessor
+from nanovlm.recipe import Run
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.vlm import VLM
 
@@ -60,12 +63,42 @@ def evaluate(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, world_
     """Greedy answers to every eval question (the first `limit` if > 0), through the same benchmark path as
     `eval.py --task shapes` (`respond`: as for benchmarks.predict); returns the scores and the records with their
     predictions."""
-    benchmark = benchmarks.load("shapes", world_dir / "eval.json", limit)
+    return evaluate_benchmark(model, tokenizer, processor, benchmarks.load("shapes", world_dir / "eval.json", limit),
+                              batch_size, respond=respond)
+
+
+def evaluate_benchmark(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, benchmark: benchmarks.Benchmark,
+                       batch_size: int = 64, progress: bool = True, respond=answer) -> tuple[dict, list[dict]]:
     model.eval()
     answers = benchmarks.predict(model, tokenizer, processor, benchmark, Sampling(max_new_tokens=24), batch_size,
-                                 respond=respond)
+                                 progress, respond)
     predictions = [r | {"prediction": a} for r, a in zip(benchmark.records, answers)]
     return score(benchmark.records, {r["id"]: r["prediction"] for r in predictions}), predictions
+
+
+def tracker_for(run: Run, model: VLM, tokenizer: Tokenizer, processor: ImageProcessor) -> Callable[[], dict] | None:
+    """A train script's evaluation during training: with --eval_every, the tracker of the shapes world its data
+    comes from (the folder of its first data file, if that folder holds eval.json); None otherwise."""
+    world = run.data[0].path.parent if run.data else None
+    if not run.cfg.eval_every or world is None or not (world / "eval.json").is_file():
+        return None
+    return tracker(model, tokenizer, processor, world, run.cfg.eval_questions)
+
+
+def tracker(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, world_dir: Path,
+            questions: int) -> Callable[[], dict]:
+    """What the training loop calls every --eval_every steps: the overall accuracy per split on `questions` eval
+    questions taken at an even stride through the eval split (so every split and question type is in it)."""
+    full = benchmarks.load("shapes", world_dir / "eval.json")
+    stride = max(1, len(full.records) // questions)
+    part = benchmarks.Benchmark("shapes", full.path, full.records[::stride][:questions],
+                                full.places[::stride][:questions])
+
+    def accuracy() -> dict:
+        scores, _ = evaluate_benchmark(model, tokenizer, processor, part, progress=False)
+        return {split: round(s["overall"], 4) for split, s in scores.items()} | {"n": len(part.records)}
+
+    return accuracy
 
 
 def report(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, world_dir: Path, out_dir: Path,
@@ -88,10 +121,7 @@ def seeds_table(header: str, rows: list[str], variants: dict[str, list[dict]], v
     for row in rows:
         cells = []
         for runs in variants.values():
-            values = [100 * v for run in runs if (v := value(run, row)) is not None]
-            mean = sum(values) / len(values)
-            spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-            cells.append(f"{mean:.1f} ± {spread:.1f}")
+            cells.append(mean_std([100 * v for run in runs if (v := value(run, row)) is not None]))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines.append("| seeds | " + " | ".join(str(len(runs)) for runs in variants.values()) + " |")
     return "\n".join(lines)
@@ -108,21 +138,55 @@ def seed_scores(folders: list[Path], file: str) -> dict[str, list[dict]]:
     return variants
 
 
+def mean_std(values: list[float]) -> str:
+    """"mean ± standard deviation" (n - 1 in the denominator; 0 for one value); "-" for none."""
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {spread:.1f}"
+
+
 def compare(variants: dict[str, list[dict]], split: str = "in_distribution") -> str:
     """Every question type's accuracy over seeds, per variant (`seeds_table`)."""
     return seeds_table("question", [*EVAL_TYPES, "overall"], variants, lambda run, qtype: run[split][qtype])
 
 
+def curve(variants: dict[str, list[list[dict]]], split: str = "in_distribution") -> str:
+    """A markdown table of accuracy curves: each variant's mean ± std over seeds at every step where its runs
+    logged an evaluation (metrics.jsonl records with "eval", from --eval_every); steps as rows."""
+    logged = {name: [{r["step"]: r["eval"][split] for r in run if "eval" in r} for run in runs]
+              for name, runs in variants.items()}
+    steps = sorted({step for runs in logged.values() for run in runs for step in run})
+    rows = ["| step | " + " | ".join(variants) + " |", "|---:|" + "---:|" * len(variants)]
+    for step in steps:
+        cells = [mean_std([100 * run[step] for run in runs if step in run]) for runs in logged.values()]
+        rows.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description="Compare training variants on the shapes eval: each VARIANT is a "
-                                     "directory whose subdirectories (one per seed) hold eval_shapes.json.")
+                                     "directory whose subdirectories (one per seed) hold eval_shapes.json, or with "
+                                     "--curve metrics.jsonl with the evaluations of --eval_every.")
     parser.add_argument("variants", nargs="+", type=Path)
     parser.add_argument("--split", default="in_distribution", choices=["in_distribution", "holdout"])
     parser.add_argument("--file", default="eval_shapes.json", help="the scores file in each seed's folder, e.g. "
                         "eval_shapes_b.json for another domain's eval (eval.py --out)")
+    parser.add_argument("--curve", action="store_true", help="accuracy against step, from */metrics.jsonl")
     args = parser.parse_args(argv)
-    table = compare(seed_scores(args.variants, args.file), args.split)
-    print(f"shapes world, {args.split}, exact match (%), mean ± std over seeds:\n{table}")
+    if args.curve:
+        variants = {}
+        for folder in args.variants:
+            files = sorted(folder.glob("*/metrics.jsonl"))
+            if not files:
+                raise SystemExit(f"{folder}: no */metrics.jsonl (one subdirectory per seed)")
+            variants[folder.name] = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
+        table = curve(variants, args.split)
+        print(f"shapes world, {args.split}, exact match (%) during training, mean ± std over seeds:\n{table}")
+    else:
+        table = compare(seed_scores(args.variants, args.file), args.split)
+        print(f"shapes world, {args.split}, exact match (%), mean ± std over seeds:\n{table}")
     return table
 
 

@@ -162,19 +162,53 @@ def collate(samples: list[dict | None], pad_id: int) -> dict:
             "skipped": len(samples) - len(kept)}
 
 
-def step_batches(num_records: int, global_batch: int, micro_batch: int, world_size: int, rank: int, epoch: int,
-                 seed: int, lengths: list[int] | None = None) -> list[list[list[int]]]:
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How one optimizer step's records are split: over processes, then over accumulation micro-batches."""
+    global_batch: int  # records per optimizer step
+    world_size: int  # processes
+    micro_batch: int  # records per forward pass of one process
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per process and step."""
+        return self.global_batch // (self.world_size * self.micro_batch)
+
+    def __str__(self) -> str:
+        return (f"{self.global_batch} records per step = {self.world_size} process(es) x {self.micro_batch} records "
+                f"x {self.accumulation} accumulation step(s)")
+
+
+def batch_geometry(global_batch: int, micro_batch: int, world_size: int) -> BatchGeometry:
+    """The split of `global_batch` records over `world_size` processes with micro-batches of at most `micro_batch`.
+
+    Each process takes global / world records a step, in the fewest micro-batches of equal size that are no larger
+    than `micro_batch` (the memory bound): micro = global / (world x accumulation). A global batch that the
+    processes cannot share equally is an error that names a global batch and process counts that work.
+    """
+    if global_batch < 1 or micro_batch < 1:
+        raise ValueError(f"global batch {global_batch} and micro batch {micro_batch} must be positive")
+    if global_batch % world_size:
+        lower, upper = global_batch // world_size * world_size, (global_batch // world_size + 1) * world_size
+        fits = [n for n in range(1, 17) if global_batch % n == 0]
+        raise ValueError(f"a global batch of {global_batch} records cannot be split over {world_size} processes "
+                         f"({global_batch} is not a multiple of {world_size}): use --global_batch_size "
+                         f"{upper}{f' or {lower}' if lower else ''}, or --nproc_per_node in {fits}")
+    per_process = global_batch // world_size
+    accumulation = next(a for a in range(1, per_process + 1) if per_process % a == 0 and per_process <= a * micro_batch)
+    return BatchGeometry(global_batch, world_size, per_process // accumulation)
+
+
+def step_batches(num_records: int, geometry: BatchGeometry, rank: int, epoch: int, seed: int,
+                 lengths: list[int] | None = None) -> list[list[list[int]]]:
     """This rank's micro-batches for every optimizer step of one epoch.
 
-    Each step draws `global_batch` records of a seeded permutation; how they are split over ranks and
+    Each step draws `geometry.global_batch` records of a seeded permutation; how they are split over ranks and
     accumulation micro-batches changes nothing in the gradient, because the loss of a step is normalised by
     the step's total target count. With `lengths`, a step's records are sorted by length before the split,
     so micro-batches hold similar lengths and pad little.
     """
-    per_step = world_size * micro_batch
-    if global_batch % per_step:
-        raise ValueError(f"global batch {global_batch} is not a multiple of world size {world_size} x "
-                         f"micro batch {micro_batch}")
+    global_batch, micro_batch = geometry.global_batch, geometry.micro_batch
     order = torch.randperm(num_records, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     steps = []
     for start in range(0, num_records - global_batch + 1, global_batch):
@@ -182,5 +216,5 @@ def step_batches(num_records: int, global_batch: int, micro_batch: int, world_si
         if lengths is not None:
             chosen.sort(key=lambda i: -lengths[i])
         micro = [chosen[j:j + micro_batch] for j in range(0, global_batch, micro_batch)]
-        steps.append(micro[rank::world_size])
+        steps.append(micro[rank::geometry.world_size])
     return steps

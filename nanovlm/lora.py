@@ -6,7 +6,9 @@ W and b stay frozen and only A and B train, so at initialisation the adapted mod
 The conventions are PEFT's (scaling alpha / r, dropout on the input of A, A initialised like nn.Linear, B zero),
 and adapters are saved in PEFT's layout (`adapter_model.safetensors` + `adapter_config.json`, keys
 `base_model.model.<module>.lora_{A,B}.weight` named as transformers' LlavaForConditionalGeneration names its
-modules), so `peft.PeftModel.from_pretrained` puts them on the transformers model.
+modules, and fully trained modules as PEFT's `modules_to_save`), so `peft.PeftModel.from_pretrained` puts
+them on the transformers model. One PEFT adapter has one dropout: layers with different dropouts are saved
+as separate adapters (nanovlm/vlm.py: VLM.save_adapter, one per tower).
 
 An adapted layer keeps the names of the layer it replaces (`weight`, `bias`) and adds `lora_A`, `lora_B`,
 so checkpoints of the base model still load into it and `merged_state_dict` writes a plain model.
@@ -134,31 +136,41 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def checked_rename(name: str, renames: list[tuple[str, str]]) -> str:
-    renamed = rename(name, renames)
+    """A module's name under the prefix rules, which end in a dot: a module named as a rule's prefix, without
+    its dot, is renamed too ("multi_modal_projector" by "multi_modal_projector.")."""
+    renamed = rename(name + ".", renames)
     if renamed is None:
         raise ValueError(f"no rule maps the module {name!r}; rules: {[old for old, _ in renames]}")
-    return renamed
+    return renamed[:-1]
 
 
-def save_adapter(model: nn.Module, path: str | Path, module_renames: list[tuple[str, str]],
-                 base_model: str | None) -> None:
-    """Write the adapters in PEFT's layout. `module_renames` maps this model's module names to those of the
-    transformers model PEFT will wrap; layers whose r or alpha differ from the first layer's go into PEFT's
-    `rank_pattern` / `alpha_pattern`."""
-    layers = {checked_rename(name, module_renames): layer for name, layer in lora_layers(model).items()}
+def save_adapter(path: str | Path, layers: dict[str, LoRALinear], base_model: str | None,
+                 modules_to_save: dict[str, nn.Module] | None = None) -> None:
+    """Write one PEFT adapter: the LoRA `layers` and the fully trained `modules_to_save`, each keyed by the name
+    the transformers model PEFT will wrap gives that module. Layers whose r or alpha differ from the first
+    layer's go into PEFT's `rank_pattern` / `alpha_pattern`; PEFT has one dropout per adapter, so the layers
+    must share theirs (adapters with different dropouts are saved apart). A module to save is stored as PEFT
+    stores one, `base_model.model.<module>.<parameter>`, which PEFT loads into its trainable copy."""
     if not layers:
-        raise ValueError("the model has no LoRA adapters to save")
+        raise ValueError("no LoRA adapters to save")
+    dropouts = {name: layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
+                for name, layer in layers.items()}
+    if len(set(dropouts.values())) > 1:
+        raise ValueError(f"one PEFT adapter has one dropout, these layers have {sorted(set(dropouts.values()))}: "
+                         "save them as separate adapters")
     path = Path(path)
     weights = {}
     for name, layer in layers.items():
         weights[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.weight.detach()
         weights[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+    for name, module in (modules_to_save or {}).items():
+        weights |= {f"base_model.model.{name}.{k}": v.detach() for k, v in module.state_dict().items()}
     first = next(iter(layers.values()))
-    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "bias": "none",
-        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout, "fan_in_fan_out": False,
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": next(iter(dropouts.values())),
+        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": sorted(modules_to_save) if modules_to_save else None,
         # Full module names, so that a pattern never matches a layer it was not written for.
         "target_modules": sorted(layers),
         "rank_pattern": {name: layer.r for name, layer in layers.items() if layer.r != first.r},
@@ -170,12 +182,25 @@ def save_adapter(model: nn.Module, path: str | Path, module_renames: list[tuple[
 
 def load_adapter(model: nn.Module, path: str | Path, module_renames: list[tuple[str, str]]) -> list[str]:
     """Add the adapters saved at `path` (PEFT's layout, full module names as save_adapter writes them) to
-    `model` and load their weights. `module_renames` maps PEFT's module names to this model's."""
+    `model`, load their weights and those of its modules_to_save, which `model` must have; return the names
+    of the adapted layers. `module_renames` maps PEFT's module names to this model's."""
     path = Path(path)
     config = json.loads((path / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
     weights = load_file(path / "adapter_model.safetensors")
+    used = set()
+
+    def copy(key: str, target: torch.Tensor) -> None:
+        if key not in weights:
+            raise ValueError(f"{path / 'adapter_model.safetensors'} has no {key}")
+        if weights[key].shape != target.shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(weights[key].shape)}, the model needs "
+                             f"{tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(weights[key])
+        used.add(key)
+
     added = []
     for peft_name in config["target_modules"]:
         r = config.get("rank_pattern", {}).get(peft_name, config["r"])
@@ -183,16 +208,14 @@ def load_adapter(model: nn.Module, path: str | Path, module_renames: list[tuple[
         name = checked_rename(peft_name, module_renames)
         layer = adapt(model, name, r, alpha, config["lora_dropout"])
         for part in ("lora_A", "lora_B"):
-            key = f"base_model.model.{peft_name}.{part}.weight"
-            if key not in weights:
-                raise ValueError(f"{path / 'adapter_model.safetensors'} has no {key}")
-            if weights[key].shape != getattr(layer, part).weight.shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(weights[key].shape)}, the model needs "
-                                 f"{tuple(getattr(layer, part).weight.shape)}")
-            with torch.no_grad():
-                getattr(layer, part).weight.copy_(weights[key])
+            copy(f"base_model.model.{peft_name}.{part}.weight", getattr(layer, part).weight)
         added.append(name)
-    unused = set(weights) - {f"base_model.model.{n}.lora_{p}.weight" for n in config["target_modules"] for p in "AB"}
+    for peft_name in config.get("modules_to_save") or []:
+        module = model.get_submodule(checked_rename(peft_name, module_renames))
+        for key, tensor in module.state_dict().items():
+            copy(f"base_model.model.{peft_name}.{key}", tensor)
+    unused = set(weights) - used
     if unused:
-        raise ValueError(f"{path}: weights for modules not in target_modules: {brief(sorted(unused))}")
+        raise ValueError(f"{path}: weights for modules not in target_modules or modules_to_save: "
+                         f"{brief(sorted(unused))}")
     return added

@@ -5,7 +5,9 @@ template, the objective, and where the model starts."""
 import argparse
 import dataclasses
 import json
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import add_options, read_options, underscored
-from .data import DataSource, LLaVADataset
+from .data import DataSource, LLaVADataset, batch_geometry
 from .image import ImageProcessor
 from .presets import PRESETS
 from .templates import get_template
@@ -40,21 +42,38 @@ def stage_dir(preset: str, stage: str) -> str:
 
 
 def parse(description: str, recipes: dict[str, TrainConfig], argv: list[str] | None = None,
-          methods: dict[str, Any] | None = None, stage: str | None = None) -> Run:
+          methods: dict[str, Any] | None = None, stage: str | Callable[[Any], str] | None = None) -> Run:
     """The run the command line asks for. `recipes` and `methods` (a recipe's own settings dataclass) hold the
-    defaults of each preset; `stage` names the output folder, out/PRESET/STAGE, unless --out_dir says otherwise."""
+    defaults of each preset; `stage` names the output folder, out/PRESET/STAGE, unless --out_dir says otherwise
+    (a function of the method's settings where they decide it).
+
+    The batch geometry is settled here, before any model is built: under torchrun a micro-batch too large for
+    the global batch's share of a process shrinks, and a global batch the processes cannot share stops the run.
+    """
     argv = underscored(sys.argv[1:] if argv is None else argv)
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the preset decides the defaults
     first.add_argument("--preset", default="tiny", choices=sorted(recipes))
     preset = first.parse_known_args(argv)[0].preset
-    cfg = recipes[preset] if stage is None else dataclasses.replace(recipes[preset], out_dir=stage_dir(preset, stage))
     method = methods[preset] if methods else None
+    cfg = recipes[preset]
+    if stage is not None:
+        cfg = dataclasses.replace(cfg, out_dir=stage_dir(preset, stage if isinstance(stage, str) else stage(method)))
     args = command_line(description, sorted(recipes), preset, cfg, method).parse_args(argv)
     data = [DataSource.parse(spec) for spec in args.data]
     for source in data:
         source.image_folder = Path(args.image_folder) if args.image_folder else None
     method = read_options(args, method) if method is not None else None
-    return Run(preset, read_options(args, cfg), data, args.init, Distributed(), method)
+    cfg = read_options(args, cfg)
+    if callable(stage) and not any(arg == "--out_dir" or arg.startswith("--out_dir=") for arg in argv):
+        cfg.out_dir = stage_dir(preset, stage(method))
+    try:
+        geometry = batch_geometry(cfg.global_batch_size, cfg.micro_batch_size, int(os.environ.get("WORLD_SIZE", 1)))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    cfg.micro_batch_size = geometry.micro_batch
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"batch: {geometry}")
+    return Run(preset, cfg, data, args.init, Distributed(), method)
 
 
 def command_line(description: str, presets: list[str], preset: str, cfg: TrainConfig,
@@ -94,18 +113,21 @@ def dataset(run: Run, model: VLM, tokenizer: Tokenizer, processor: ImageProcesso
 
 
 def fit(run: Run, model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, data: LLaVADataset,
-        objective: Objective | None = None) -> list[dict]:
-    """Train, then write the finished model (llava-hf layout) and a summary from rank 0."""
+        objective: Objective | None = None, evaluate: Callable[[], dict] | None = None) -> list[dict]:
+    """Train, then write the finished model (llava-hf layout) and a summary from rank 0. `evaluate`, if given,
+    scores the model every --eval_every steps on rank 0 and its scores are logged with the step's metrics."""
     model.language_model.gradient_checkpointing = run.cfg.gradient_checkpointing
     for tower in model.vision_towers:
         tower.gradient_checkpointing = run.cfg.gradient_checkpointing
     if data.skipped and run.env.main:
         print(f"skipped bad records: {data.skipped}")
-    history = train(run.cfg, objective or Objective(model), model.parameter_groups(), data, tokenizer.pad_id, run.env)
+    history = train(run.cfg, objective or Objective(model), model.parameter_groups(), data, tokenizer.pad_id, run.env,
+                    evaluate)
     if run.env.main:
         model.save_pretrained(run.cfg.out_dir, tokenizer, processor)
         summary = {"preset": run.preset, "steps": len(history), "final_loss": history[-1]["loss"] if history else None,
                    "data": [str(s.path) for s in run.data], "records": len(data), "skipped": data.skipped,
+                   "train_template": data.template.name, "eval_template": model.cfg.template,
                    "method": asdict(run.method) if run.method else None}
         (Path(run.cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run.env.barrier()

@@ -3,15 +3,17 @@
 A recipe (a train_*.py script) says which parameters train at which learning rate and what the objective is;
 this file does the rest:
 - one process per device under torchrun (NCCL on GPU, gloo on CPU), or a single process without it;
-- each optimizer step sees `global_batch_size` records whatever the world size and micro-batch size; its loss
-  is the sum over the step's targets divided by their total count across ranks and micro-batches, so one
-  process and N processes follow the same loss curve, and accumulation micro-batches skip gradient sync;
+- each optimizer step sees `global_batch_size` records whatever the world size and micro-batch size (a
+  micro-batch too large for a process's share shrinks: nanovlm/data.py, batch_geometry); its loss is the sum
+  over the step's targets divided by their total count across ranks and micro-batches, so one process and N
+  processes follow the same loss curve, and accumulation micro-batches skip gradient sync;
 - bf16 autocast on GPU; AdamW with one parameter group per part; linear warmup then cosine decay; gradient
   clipping; a non-finite loss stops the run;
 - checkpoints (trainable weights, optimizer, step, every rank's RNG state, config) written atomically every
   `save_every` steps; `resume` continues from the newest one exactly (nanovlm/train_state.py);
 - a tqdm bar on rank 0 and metrics in `metrics.jsonl` next to the checkpoints, with any extra metrics the
-  objective reports (`Objective.metrics`, e.g. DPO's rewards), normalised like the loss.
+  objective reports (`Objective.metrics`, e.g. DPO's rewards), normalised like the loss, and the recipe's own
+  evaluation every `eval_every` steps where it has one (an accuracy curve).
 A dataset whose records are not single sequences (preference pairs) brings its own `collate(samples, pad_id)`.
 Sharding (FSDP) would replace `wrap` and the checkpoint state functions; nothing else.
 """
@@ -22,6 +24,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -33,7 +36,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .checkpoint import write_json
-from .data import collate, step_batches
+from .data import batch_geometry, collate, step_batches
 from .train_state import checkpoints, load_checkpoint, restart_log, save_checkpoint
 
 
@@ -41,7 +44,7 @@ from .train_state import checkpoints, load_checkpoint, restart_log, save_checkpo
 class TrainConfig:
     out_dir: str = "out/run"  # checkpoints, metrics.jsonl and the finished model
     global_batch_size: int = 128  # records per optimizer step, whatever the number of processes
-    micro_batch_size: int = 16  # per process; accumulation = global / (world * micro)
+    micro_batch_size: int = 16  # records per forward pass and process, at most; smaller when global / world needs it
     epochs: float = 1.0  # passes over the data
     max_steps: int = 0  # > 0 overrides epochs
     lr: dict[str, float] = field(default_factory=dict)  # parameter group -> learning rate; absent groups freeze
@@ -61,12 +64,16 @@ class TrainConfig:
     seed: int = 0  # data order and draws, and the initialisation of new weights (tiny preset, adapters)
     num_workers: int = 0  # data loader processes
     log_every: int = 1  # steps between lines of metrics.jsonl
+    eval_every: int = 0  # steps between evaluations logged in metrics.jsonl (where the script has one); 0: none
+    eval_questions: int = 600  # eval questions scored by each of those evaluations, spread over the eval set
 
 
 def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[str, nn.Parameter]]],
-          dataset: torch.utils.data.Dataset, pad_id: int, env: Distributed) -> list[dict]:
+          dataset: torch.utils.data.Dataset, pad_id: int, env: Distributed,
+          evaluate: Callable[[], dict] | None = None) -> list[dict]:
     """Run the recipe; return the logged metrics. `groups` maps a learning-rate group name (a key of cfg.lr)
-    to its named parameters; parameters outside every group in cfg.lr are frozen."""
+    to its named parameters; parameters outside every group in cfg.lr are frozen. `evaluate`, if given, runs
+    on rank 0 every `eval_every` steps and after the last one; what it returns is logged as the step's "eval"."""
     out_dir = Path(cfg.out_dir)
     unknown = set(cfg.lr) - set(groups)
     if unknown:
@@ -85,6 +92,7 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
     optimizer = make_optimizer(cfg, groups)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
+    geometry = batch_geometry(cfg.global_batch_size, cfg.micro_batch_size, env.world_size)
     lengths = [dataset.length(i) for i in range(len(dataset))] if cfg.group_by_length else None
     steps_per_epoch = len(dataset) // cfg.global_batch_size
     if steps_per_epoch == 0:
@@ -107,8 +115,7 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
     objective.train()
     while step < total:
         epoch, offset = divmod(step, steps_per_epoch)
-        plan = step_batches(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, env.world_size, env.rank,
-                            epoch, cfg.seed, lengths)[offset:offset + total - step]
+        plan = step_batches(len(dataset), geometry, env.rank, epoch, cfg.seed, lengths)[offset:offset + total - step]
         dataset.set_epoch(epoch)  # before the loader's workers take their copy of the dataset
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=[mb for s in plan for mb in s],
                                              collate_fn=partial(getattr(dataset, "collate", collate), pad_id=pad_id),
@@ -143,8 +150,11 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
                       "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}, "targets": int(targets),
                       "skipped_records": int(env.sum(skipped)) + sum(getattr(dataset, "skipped", {}).values()),
                       "elapsed_s": round(time.time() - start_time, 2)} | extras
+            if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total) and env.main:
+                record["eval"] = evaluate()  # the other ranks wait at the next step's first all-reduce
+                objective.train()
             history.append(record)
-            if env.main and (step % cfg.log_every == 0 or step == total):
+            if env.main and (step % cfg.log_every == 0 or step == total or "eval" in record):
                 with open(log_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.update(1)

@@ -27,6 +27,8 @@ towers' weights under `extra_vision_towers.{i}.*` in nanovlm's own module names;
 loads in nanovlm only.
 """
 
+import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from .checkpoint import load_renamed, read_config, rename, resolve, write_json, write_weights
 from .image import ImageProcessor
 from .llm import LLM, LLMConfig
-from .lora import is_lora_parameter, merged_state_dict
+from .lora import checked_rename, is_lora_parameter, load_adapter, lora_layers, merged_state_dict, save_adapter
 from .projector import Projector
 from .prototypes import PrototypeExtractor
 from .tokenizer import Tokenizer
@@ -53,6 +55,7 @@ class VLMConfig:
     template: str = "vicuna_v1"
     pad_to_square: bool = True  # LLaVA-1.5's image_aspect_ratio="pad"
     prototypes: int = 0  # SQ-LLaVA's prototype extractor with this many centres; 0: none
+    prototype_norm: str = "feature"  # the axis along which the extractor normalises v(x): feature or token
     extra_vision: list[VisionConfig] = field(default_factory=list)  # SPHINX: more towers, features joined by channel
     multi_scale: bool = False  # SPHINX-1K: five views per image (global, then four quadrants of a 2x image)
 
@@ -100,6 +103,7 @@ class VLMConfig:
                    image_token_id=hf.get("image_token_index", hf.get("image_token_id", 32000)),
                    projector=extra.get("projector", "mlp2x_gelu"), template=extra.get("template", "vicuna_v1"),
                    pad_to_square=extra.get("pad_to_square", True), prototypes=extra.get("prototypes", 0),
+                   prototype_norm=extra.get("prototype_norm", "feature"),
                    extra_vision=[VisionConfig(**tower) for tower in extra.get("extra_vision", [])],
                    multi_scale=extra.get("multi_scale", False))
 
@@ -112,11 +116,15 @@ class VLMConfig:
             "vision_feature_layer": self.vision.select_layer, "vision_feature_select_strategy": strategy,
             "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
             "tie_word_embeddings": self.llm.tie_word_embeddings,
-            "nanovlm": {"projector": self.projector, "template": self.template, "pad_to_square": self.pad_to_square,
-                        "prototypes": self.prototypes, "select_norm": self.vision.select_norm,
-                        "extra_vision": [asdict(tower) for tower in self.extra_vision],
-                        "multi_scale": self.multi_scale},
+            "nanovlm": self.nanovlm_settings(),
         }
+
+    def nanovlm_settings(self) -> dict:
+        """What transformers' config has no field for: config.json's "nanovlm" entry."""
+        return {"projector": self.projector, "template": self.template, "pad_to_square": self.pad_to_square,
+                "prototypes": self.prototypes, "prototype_norm": self.prototype_norm,
+                "select_norm": self.vision.select_norm, "extra_vision": [asdict(tower) for tower in self.extra_vision],
+                "multi_scale": self.multi_scale}
 
 
 class VLM(nn.Module):
@@ -126,8 +134,8 @@ class VLM(nn.Module):
         self.vision_tower = VisionTower(cfg.vision)
         self.extra_vision_towers = nn.ModuleList(VisionTower(tower) for tower in cfg.extra_vision)  # SPHINX's
         # Only SQ-LLaVA models have it; transformers' Llava has no such module and ignores its weights.
-        self.prototype_extractor = (PrototypeExtractor(cfg.feature_size, cfg.prototypes) if cfg.prototypes
-                                    else None)
+        self.prototype_extractor = (PrototypeExtractor(cfg.feature_size, cfg.prototypes, key_norm=cfg.prototype_norm)
+                                    if cfg.prototypes else None)
         self.multi_modal_projector = Projector(cfg.projector, cfg.feature_size, cfg.llm.hidden_size)
         self.language_model = LLM(cfg.llm)
 
@@ -211,12 +219,51 @@ class VLM(nn.Module):
                     groups.setdefault(group + "_lora" if is_lora_parameter(name) else group, []).append((name, p))
         return groups
 
-    def add_prototype_extractor(self, num_prototypes: int) -> None:
+    def add_prototype_extractor(self, num_prototypes: int, key_norm: str = "feature") -> None:
         """Put a new SQ-LLaVA prototype extractor between the vision tower and the projector."""
-        self.cfg.prototypes = num_prototypes
+        self.cfg.prototypes, self.cfg.prototype_norm = num_prototypes, key_norm
         weight = self.multi_modal_projector.linear_1.weight
-        self.prototype_extractor = PrototypeExtractor(self.cfg.feature_size, num_prototypes).to(
+        self.prototype_extractor = PrototypeExtractor(self.cfg.feature_size, num_prototypes, key_norm=key_norm).to(
             device=weight.device, dtype=weight.dtype)
+
+    def save_adapter(self, path: str | Path, base_model: str | None,
+                     modules_to_save: tuple[str, ...] = ("multi_modal_projector", "prototype_extractor")) -> None:
+        """Write what training added to `base_model`, so that load_adapter rebuilds this model from it:
+        - language_model/: the LLM's LoRA and, as PEFT's modules_to_save, the fully trained `modules_to_save`
+          that this model has (the projector; the prototype extractor, which transformers' Llava lacks, so
+          PEFT passes over it and only nanovlm's load_adapter puts it back);
+        - vision_tower/: the vision tower's LoRA, if any, apart because PEFT has one dropout per adapter;
+        - nanovlm.json: the settings PEFT's config has no field for (the extractor's, the chat template).
+        PEFT puts both adapters on transformers' LlavaForConditionalGeneration (tests/test_selfq.py)."""
+        path = Path(path)
+        layers = lora_layers(self)
+        kept = {checked_rename(name, PEFT_RENAMES): self.get_submodule(name) for name in modules_to_save
+                if getattr(self, name) is not None}
+        for tower in ADAPTER_TOWERS:
+            tower_layers = {checked_rename(name, PEFT_RENAMES): layer for name, layer in layers.items()
+                            if name.startswith(tower + ".")}
+            if tower == "language_model":
+                save_adapter(path / tower, tower_layers, base_model, kept)
+            elif tower_layers:
+                save_adapter(path / tower, tower_layers, base_model)
+            else:
+                shutil.rmtree(path / tower, ignore_errors=True)  # an earlier run's, which load_adapter would load
+        write_json(path / "nanovlm.json", self.cfg.nanovlm_settings())
+
+    def load_adapter(self, path: str | Path) -> None:
+        """Rebuild the model save_adapter wrote from this one, its base: both towers' LoRA, the projector, the
+        prototype extractor (added if the base has none) and the chat template."""
+        path = Path(path)
+        settings = json.loads((path / "nanovlm.json").read_text())
+        if settings["prototypes"]:
+            if (self.cfg.prototypes, self.cfg.prototype_norm) != (settings["prototypes"], settings["prototype_norm"]):
+                self.add_prototype_extractor(settings["prototypes"], settings["prototype_norm"])
+        elif self.prototype_extractor is not None:
+            raise ValueError(f"{path}: the adapted model has no prototype extractor, its base model has one")
+        self.cfg.template = settings["template"]
+        for tower in ADAPTER_TOWERS:
+            if (path / tower).is_dir():
+                load_adapter(self, path / tower, PEFT_TO_MODULE)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
@@ -325,7 +372,9 @@ PEFT_RENAMES = [
     ("language_model.", "model.language_model."),
     ("vision_tower.layers.", "model.vision_tower.encoder.layers."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("prototype_extractor.", "model.prototype_extractor."),  # a name transformers' Llava does not have
 ]
+ADAPTER_TOWERS = ("language_model", "vision_tower")  # save_adapter writes one PEFT adapter per tower
 PEFT_TO_MODULE = [(new, old) for old, new in PEFT_RENAMES]
 # transformers' LlavaConfig falls back on this vision config when a checkpoint's config omits it.
 LLAVA_DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanovlm.data import BadRecord, DataSource, LLaVADataset, collate, step_batches, truncate
+from nanovlm.data import BadRecord, DataSource, LLaVADataset, batch_geometry, collate, step_batches, truncate
 from nanovlm.image import ImageProcessor
 from nanovlm.templates import get_template
 from nanovlm.tokenizer import Tokenizer
@@ -120,8 +120,9 @@ def test_collate_pads_right_with_ignored_labels():
 @pytest.mark.parametrize("world,micro", [(1, 8), (2, 4), (4, 2), (2, 2)])
 def test_every_world_size_sees_the_same_records_per_step(world, micro):
     lengths = [(i * 7) % 13 for i in range(100)]
-    single = step_batches(100, 16, 16, 1, 0, epoch=3, seed=5)
-    plans = [step_batches(100, 16, micro, world, r, epoch=3, seed=5, lengths=lengths) for r in range(world)]
+    single = step_batches(100, batch_geometry(16, 16, 1), 0, epoch=3, seed=5)
+    plans = [step_batches(100, batch_geometry(16, micro, world), r, epoch=3, seed=5, lengths=lengths)
+             for r in range(world)]
     assert len(single) == 6 == len(plans[0])
     for step, chosen in enumerate(single):
         union = sorted(i for plan in plans for mb in plan[step] for i in mb)
@@ -129,12 +130,30 @@ def test_every_world_size_sees_the_same_records_per_step(world, micro):
         for plan in plans:  # grouped by length: each micro-batch is a run of the step's sorted lengths
             for mb in plan[step]:
                 assert [lengths[i] for i in mb] == sorted((lengths[i] for i in mb), reverse=True)
-    assert step_batches(100, 16, 16, 1, 0, epoch=4, seed=5) != single
+    assert step_batches(100, batch_geometry(16, 16, 1), 0, epoch=4, seed=5) != single
 
 
-def test_global_batch_must_split_evenly():
-    with pytest.raises(ValueError, match="not a multiple"):
-        step_batches(100, 16, 3, 2, 0, 0, 0)
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_batch_geometry_fits_any_world_size_that_divides_the_global_batch(world):
+    for global_batch, micro in [(32, 32), (128, 16), (256, 32), (24, 5), (48, 7)]:
+        if global_batch % world:
+            with pytest.raises(ValueError, match=rf"{global_batch} records cannot be split over {world} processes"):
+                batch_geometry(global_batch, micro, world)
+            continue
+        g = batch_geometry(global_batch, micro, world)
+        per_process = global_batch // world
+        assert g.world_size * g.micro_batch * g.accumulation == global_batch and g.micro_batch <= micro
+        # the fewest accumulation steps under the micro-batch bound: one fewer would need a larger micro-batch
+        assert all(per_process % a or per_process // a > micro for a in range(1, g.accumulation))
+    assert (batch_geometry(32, 32, 8).micro_batch, batch_geometry(32, 32, 8).accumulation) == (4, 1)
+    assert (batch_geometry(24, 5, 2).micro_batch, batch_geometry(24, 5, 2).accumulation) == (4, 3)
+
+
+def test_impossible_split_names_a_global_batch_that_works():
+    with pytest.raises(ValueError) as error:
+        batch_geometry(32, 32, 3)
+    message = str(error.value)
+    assert "--global_batch_size 33 or 30" in message and "--nproc_per_node in [1, 2, 4, 8, 16]" in message
 
 
 def test_image_folder_can_differ_from_the_json_folder(tmp_path, llama_tokenizer_dir):

@@ -11,6 +11,7 @@ from nanovlm.lora import (
     LoRALinear,
     adapters_disabled,
     add_lora,
+    checked_rename,
     load_adapter,
     lora_layers,
     merge,
@@ -91,17 +92,21 @@ def test_dropout_acts_on_the_input_of_a_in_training_only():
     assert torch.equal(layer.train()(x), base)  # the base path never sees the dropout
 
 
-def test_peft_loads_the_saved_adapter_onto_transformers(llava_dir, tmp_path):
+def test_peft_loads_the_saved_adapters_onto_transformers(llava_dir, tmp_path):
     peft = pytest.importorskip("peft")
     model = adapted(llava_dir)
-    save_adapter(model, tmp_path / "adapter", PEFT_RENAMES, str(llava_dir))
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    for name in config["target_modules"]:  # two ranks and alphas in one PEFT config, through its patterns
-        r = config["rank_pattern"].get(name, config["r"])
-        alpha = config["alpha_pattern"].get(name, config["lora_alpha"])
-        assert (r, alpha) == ((4, 12) if ".vision_tower." in name else (8, 16)), name
+    with torch.no_grad():  # the projector trained too
+        model.multi_modal_projector.linear_1.bias.add_(0.1)
+    model.save_adapter(tmp_path / "adapter", str(llava_dir))
+    for tower, (r, alpha, dropout) in {"language_model": (8, 16, 0.05), "vision_tower": (4, 12, 0.2)}.items():
+        config = json.loads((tmp_path / "adapter" / tower / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (r, alpha, dropout), tower
+        assert all(f".{tower}." in name for name in config["target_modules"])
     ref = transformers.LlavaForConditionalGeneration.from_pretrained(llava_dir)
-    ref = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()
+    ref = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter" / "language_model")
+    ref.load_adapter(tmp_path / "adapter" / "vision_tower", adapter_name="vision_tower")
+    ref.base_model.set_adapter(["default", "vision_tower"])
+    ref.eval()
     ids, pixels = llava_batch()
     with torch.no_grad():
         ours = model(ids, pixels)
@@ -112,8 +117,8 @@ def test_peft_loads_the_saved_adapter_onto_transformers(llava_dir, tmp_path):
                     - VLM.from_pretrained(str(llava_dir)).eval()(ids, pixels)).abs().max() <= 1e-4
 
     fresh = VLM.from_pretrained(str(llava_dir)).eval()
-    added = load_adapter(fresh, tmp_path / "adapter", PEFT_TO_MODULE)
-    assert sorted(added) == sorted(lora_layers(model))
+    fresh.load_adapter(tmp_path / "adapter")
+    assert sorted(lora_layers(fresh)) == sorted(lora_layers(model))
     with torch.no_grad():
         assert torch.equal(fresh(ids, pixels), ours)
 
@@ -130,12 +135,14 @@ def test_saved_model_has_the_adapters_merged(llava_dir, tmp_path):
 
 def test_bad_adapters_are_named(llava_dir, tmp_path):
     model = adapted(llava_dir)
-    save_adapter(model, tmp_path, PEFT_RENAMES, None)
+    with pytest.raises(ValueError, match="one PEFT adapter has one dropout"):
+        save_adapter(tmp_path, lora_layers(model), None)  # both towers: dropouts 0.05 and 0.2
     with pytest.raises(ValueError, match="no rule maps the module"):
-        save_adapter(model, tmp_path / "unmapped", PEFT_RENAMES[:1], None)  # the ViT's names have no rule
+        checked_rename("vision_tower.layers.0.mlp.fc1", PEFT_RENAMES[:1])
     with pytest.raises(ValueError, match="no Linear layer"):
         add_lora(model.language_model, ("nonexistent",), 4, 8, 0.0)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"r": 3, "rank_pattern": {}}))
+    model.save_adapter(tmp_path, None)
+    config = json.loads((tmp_path / "language_model" / "adapter_config.json").read_text())
+    (tmp_path / "language_model" / "adapter_config.json").write_text(json.dumps(config | {"r": 3, "rank_pattern": {}}))
     with pytest.raises(ValueError, match="has shape"):
-        load_adapter(VLM.from_pretrained(str(llava_dir)), tmp_path, PEFT_TO_MODULE)
+        load_adapter(VLM.from_pretrained(str(llava_dir)), tmp_path / "language_model", PEFT_TO_MODULE)

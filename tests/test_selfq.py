@@ -2,6 +2,7 @@
 
 import json
 import math
+import subprocess
 
 import pytest
 import torch
@@ -9,14 +10,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import eval as eval_script
+import train_selfq
+from data import prototype_entropy
+from data.prototype_entropy import relative_entropy
 from nanovlm.data import DataSource, LLaVADataset
 from nanovlm.image import ImageProcessor
 from nanovlm.prototypes import PrototypeExtractor
 from nanovlm.selfq import to_self_questioning, turn_rng
 from nanovlm.templates import IGNORE_INDEX, VICUNA_SYSTEM, get_template, render, tokenize_conversation
 from nanovlm.tokenizer import Tokenizer
-from nanovlm.vlm import VLM, load_pretrained
-from test_train import launch
+from nanovlm.vlm import VLM
+from test_train import ENV, command, launch
 
 THREE_TURNS = [
     {"from": "human", "value": "<image>\nWhat is on the table?"}, {"from": "gpt", "value": "Two red cups."},
@@ -160,58 +164,190 @@ def test_prototype_extractor_matches_its_equations_and_size():
     assert sum(p.numel() for p in PrototypeExtractor(1024, 256).parameters()) == 3 * 1024 * 1025 + 2  # ~3.15M
 
 
+def test_relative_entropy_of_assignments():
+    k = 8
+    uniform = torch.full((2, k, 5), 1 / k)
+    one_hot = F.one_hot(torch.tensor([[0, 3, 7, 1, 1]] * 2), k).transpose(1, 2).float()
+    half = torch.zeros(1, k, 1)
+    half[0, :2, 0] = 0.5  # two centres share a patch: entropy log 2 of log 8
+    assert relative_entropy(uniform) == pytest.approx(1.0) and relative_entropy(one_hot) == pytest.approx(0.0)
+    assert relative_entropy(half) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("norm", ["feature", "token"])
+def test_new_extractor_assigns_uniformly_under_either_axis(init, world, norm):
+    """No temperature on cosines of random projections: a new extractor's soft assignment is uniform to ~1e-3
+    at its first iteration and ~1e-5 at its second, whichever axis normalises v(x)."""
+    result = prototype_entropy.main([str(init), "--world", str(world), "--images", "8", "--new", "8", "--norm", norm])
+    first, second = result["one_minus_entropy_over_log_k"]
+    assert 0 < first < 1e-2 and 0 < second < 1e-4 and result["key_norm"] == norm
+
+
 def selfq(init, world, out, *args, processes=1):
     micro = ["--micro_batch_size", str(16 // processes)]
     return launch(init, world, out, *micro, *args, processes=processes, script="train_selfq.py")
 
 
+def shapes_batch(model: VLM, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sequences with one image each (its 16 image tokens) among random text tokens of the tiny vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    n = model.cfg.num_image_tokens()
+    ids = torch.randint(3, min(model.cfg.llm.vocab_size, model.cfg.image_token_id), (2, n + 12), generator=g)
+    ids[0, 2:2 + n] = ids[1, 5:5 + n] = model.cfg.image_token_id
+    return ids, torch.randn(2, 3, model.cfg.vision.image_size, model.cfg.vision.image_size, generator=g)
+
+
+def logits(model: VLM, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(*batch)
+
+
+@pytest.fixture(scope="module")
+def stage1(init, world, tmp_path_factory):
+    """SQ-LLaVA's stage 1, shortened: train_align.py --prototypes 8 from the tiny model, on the small world."""
+    out = tmp_path_factory.mktemp("align-prototypes")
+    launch(init, world, out, "--prototypes", "8", "--max_steps", "2", script="train_align.py", data="captions.json")
+    return out
+
+
+def test_stage_1_trains_the_extractor_with_the_projector(init, stage1):
+    history = [json.loads(line) for line in (stage1 / "metrics.jsonl").open()]
+    assert history[0]["lr"]["prototypes"] == history[0]["lr"]["projector"]
+    before, after = VLM.from_pretrained(str(init)), VLM.from_pretrained(str(stage1))
+    assert after.cfg.prototypes == 8 and after.cfg.prototype_norm == "feature" and before.prototype_extractor is None
+    torch.manual_seed(0)  # train_align.py's seed: the extractor it started from
+    before.add_prototype_extractor(8)
+    start = before.prototype_extractor.state_dict()
+    assert all(not torch.equal(p, start[name]) for name, p in after.prototype_extractor.state_dict().items())
+
+
 @pytest.mark.slow
-def test_one_step_trains_both_loras_and_leaves_every_base_weight(init, world, tmp_path):
-    history = selfq(init, world, tmp_path / "run", "--max_steps", "1")
+def test_selfq_starts_from_the_stage_1_extractor(stage1, init, world, tmp_path):
+    """With the extractor and the projector frozen (only the LLM's adapters train), the saved SQ-LLaVA model
+    holds exactly stage 1's extractor; from LLaVA's stage 1 (no extractor) a new one is added, with a warning."""
+    selfq(stage1, world, tmp_path / "continued", "--max_steps", "1", "--lr", "llm_lora=1e-3")
+    continued = VLM.from_pretrained(str(tmp_path / "continued")).state_dict()
+    start = VLM.from_pretrained(str(stage1)).state_dict()
+    kept = [k for k in start if k.startswith(("prototype_extractor.", "multi_modal_projector."))]
+    assert len(kept) == 3 * 2 + 2 + 2 * 2 and all(torch.equal(continued[k], start[k]) for k in kept)
+    run = subprocess.run(command("train_selfq.py", "--init", str(init), "--data", str(world / "instruct.json"),
+                                 "--out_dir", str(tmp_path / "fresh"), "--max_steps", "1", "--global_batch_size", "16"),
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"warning: {init} has no prototype extractor; adding a new one with 8 centres" in run.stdout
+    assert VLM.from_pretrained(str(tmp_path / "fresh")).cfg.prototypes == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", ["stage1", "init"])
+def test_adapter_rebuilds_the_trained_model_on_its_stage_1_base(base, request, world, tmp_path):
+    """adapter/ holds everything training changed: load_adapter on the stage-1 checkpoint (with the extractor
+    stage 1 trained, or without one) gives the saved merged model's logits."""
+    start = request.getfixturevalue(base)
+    history = selfq(start, world, tmp_path / "run", "--max_steps", "3")
+    assert set(history[0]["lr"]) == {"llm_lora", "vision_lora", "projector", "prototypes"}
+    merged, rebuilt, stage_1 = (VLM.from_pretrained(str(p)) for p in (tmp_path / "run", start, start))
+    rebuilt.load_adapter(tmp_path / "run" / "adapter")
+    batch = shapes_batch(merged)
+    assert (logits(rebuilt, batch) - logits(merged, batch)).abs().max() <= 1e-5
+    assert (logits(stage_1, batch) - logits(merged, batch)).abs().max() > 1e-3  # training changed the model
+    # the projector and (continued from stage 1) the extractor trained, and the logits depend on each of them
+    for part in ("multi_modal_projector",) + (("prototype_extractor",) if base == "stage1" else ()):
+        stale = getattr(stage_1, part).state_dict()
+        getattr(rebuilt, part).load_state_dict(stale)
+        assert (logits(rebuilt, batch) - logits(merged, batch)).abs().max() > 1e-4, part
+        getattr(rebuilt, part).load_state_dict(getattr(merged, part).state_dict())
+    assert rebuilt.cfg.template == merged.cfg.template == "vicuna_v1"
+    configs = {tower: json.loads((tmp_path / "run" / "adapter" / tower / "adapter_config.json").read_text())
+               for tower in ("language_model", "vision_tower")}
+    assert configs["language_model"]["lora_dropout"] == 0.05 and configs["vision_tower"]["lora_dropout"] == 0.2
+    assert configs["language_model"]["modules_to_save"] == ["model.multi_modal_projector", "model.prototype_extractor"]
+    assert all(".vision_tower." in name for name in configs["vision_tower"]["target_modules"])
+
+
+@pytest.mark.slow
+def test_peft_puts_both_adapters_on_transformers_llava(init, world, tmp_path):
+    """Without the extractor (which transformers' Llava lacks), PEFT rebuilds the trained model from adapter/:
+    the LLM's adapter with the projector, then the ViT's adapter, both active."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    selfq(init, world, tmp_path / "run", "--max_steps", "3", "--no-prototypes")
+    merged = VLM.from_pretrained(str(tmp_path / "run"))
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(init)
+    ref = peft.PeftModel.from_pretrained(ref, tmp_path / "run" / "adapter" / "language_model")
+    ref.load_adapter(tmp_path / "run" / "adapter" / "vision_tower", adapter_name="vision_tower")
+    ref.base_model.set_adapter(["default", "vision_tower"])
+    ids, pixels = shapes_batch(merged)
+    with torch.no_grad():
+        theirs = ref.eval()(input_ids=ids, pixel_values=pixels).logits
+        assert (theirs - logits(merged, (ids, pixels))).abs().max() <= 1e-4
+        with ref.disable_adapter():
+            assert (ref(input_ids=ids, pixel_values=pixels).logits - theirs).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_one_step_trains_both_loras_and_leaves_every_base_weight(stage1, world, tmp_path):
+    history = selfq(stage1, world, tmp_path / "run", "--max_steps", "1")
     assert len(history) == 1 and set(history[0]["lr"]) == {"llm_lora", "vision_lora", "projector", "prototypes"}
-    base = VLM.from_pretrained(str(init)).state_dict()
+    base = VLM.from_pretrained(str(stage1)).state_dict()
     trained = VLM.from_pretrained(str(tmp_path / "run"))  # adapters merged
-    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
-    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
-    changed_b = {k for k, v in adapter.items() if k.endswith("lora_B.weight") and v.abs().sum() > 0}
-    assert any(".vision_tower." in k for k in changed_b) and any(".language_model." in k for k in changed_b)
-    assert len(changed_b) == len(adapter) // 2  # every B left zero: each adapter got a gradient
-    assert trained.prototype_extractor is not None and trained.cfg.template == "v1_sq"
-    deltas = {}
-    for name in config["target_modules"]:
-        r = config["rank_pattern"].get(name, config["r"])
-        alpha = config["alpha_pattern"].get(name, config["lora_alpha"])
-        B, A = (adapter[f"base_model.model.{name}.lora_{p}.weight"] for p in "BA")
-        module = name.replace("model.language_model.", "language_model.").replace(
-            "model.vision_tower.encoder.", "vision_tower.")
-        deltas[module + ".weight"] = B @ A * alpha / r
+    deltas, changed_b, total_b = {}, set(), 0
+    for tower in ("language_model", "vision_tower"):
+        adapter = load_file(tmp_path / "run" / "adapter" / tower / "adapter_model.safetensors")
+        config = json.loads((tmp_path / "run" / "adapter" / tower / "adapter_config.json").read_text())
+        changed_b |= {k for k, v in adapter.items() if k.endswith("lora_B.weight") and v.abs().sum() > 0}
+        total_b += sum(k.endswith("lora_B.weight") for k in adapter)
+        for name in config["target_modules"]:
+            r = config["rank_pattern"].get(name, config["r"])
+            alpha = config["alpha_pattern"].get(name, config["lora_alpha"])
+            B, A = (adapter[f"base_model.model.{name}.lora_{p}.weight"] for p in "BA")
+            module = name.replace("model.language_model.", "language_model.").replace(
+                "model.vision_tower.encoder.", "vision_tower.")
+            deltas[module + ".weight"] = B @ A * alpha / r
+    assert len(changed_b) == total_b  # no B left zero: each adapter got a gradient
+    assert trained.prototype_extractor is not None and trained.cfg.template == "vicuna_v1"
     state = trained.state_dict()
     for key, weight in base.items():
         if key.startswith(("vision_tower.", "language_model.")):
             assert torch.allclose(state[key] - deltas.get(key, 0), weight, atol=1e-6), key
-        else:
+        elif key.startswith("multi_modal_projector."):
             assert not torch.equal(state[key], weight), key  # the projector trains fully
     assert sum(k.startswith("vision_tower.") for k in deltas) == 4 * 6  # every ViT layer's six Linear
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_run_selfq_to_the_end(init, world, tmp_path):
-    history = selfq(init, world, tmp_path / "run", "--max_steps", "2", "--no-vit-lora", processes=2)
+def test_torchrun_two_processes_run_selfq_to_the_end(stage1, world, tmp_path):
+    history = selfq(stage1, world, tmp_path / "run", "--max_steps", "2", "--no-vit-lora", processes=2)
     assert [r["step"] for r in history] == [1, 2] and "vision_lora" not in history[0]["lr"]
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert files == ["adapter", "config.json", "metrics.jsonl", "model.safetensors", "preprocessor_config.json",
                      "summary.json", "tokenizer.json", "tokenizer_config.json", "train_config.json"]
+    assert sorted(p.name for p in (tmp_path / "run" / "adapter").iterdir()) == ["language_model", "nanovlm.json"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["method"]["no_vit_lora"] and summary["method"]["sq_ratio"] == 0.5
-    model = VLM.from_pretrained(str(tmp_path / "run"))
-    assert model.prototype_extractor is not None
+    assert summary["method"]["no_vit_lora"] and summary["method"]["sq_ratio"] == 0.3
+    assert (summary["train_template"], summary["eval_template"]) == ("v1_sq", "vicuna_v1")
 
 
-def test_eval_self_questions_mode(init, world, tmp_path, capsys):
-    model, tokenizer, processor = load_pretrained(str(init))
-    model.cfg.template = "v1_sq"
-    model.save_pretrained(tmp_path, tokenizer, processor)
+@pytest.mark.slow
+def test_the_lora_baseline_is_llava_with_vicuna_and_logs_its_accuracy_curve(init, stage1, world, tmp_path):
+    """All three switches off: LLaVA-1.5's LoRA recipe, vicuna_v1 in training and evaluation; --eval_every logs
+    the shapes accuracy during training, with the template the model is evaluated with."""
+    history = selfq(init, world, tmp_path / "run", "--max_steps", "2", "--no-selfq", "--no-prototypes",
+                    "--no-vit-lora", "--eval_every", "1", "--eval_questions", "12")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["train_template"], summary["eval_template"]) == ("vicuna_v1", "vicuna_v1")
+    assert set(history[0]["lr"]) == {"llm_lora", "projector"}
+    assert [sorted(r["eval"]) for r in history] == [["holdout", "in_distribution", "n"]] * 2
+    assert all(r["eval"]["n"] == 12 for r in history)
+    with pytest.raises(SystemExit, match="has a prototype extractor"):
+        train_selfq.main(["--init", str(stage1), "--no-prototypes", "--max_steps", "1"])
+
+
+def test_eval_self_questions_mode(init, world, capsys):
+    """An SQ-LLaVA model answers with vicuna_v1; --self_questions opens v1_sq's visual-user turn."""
+    assert VLM.from_pretrained(str(init)).cfg.template == "vicuna_v1"
     image = next((world / "images").glob("*.png"))
-    questions = eval_script.main([str(tmp_path), "--image", str(image), "--self_questions", "3"])
+    questions = eval_script.main([str(init), "--image", str(image), "--self_questions", "3"])
     assert len(questions) == 3 and all(isinstance(q, str) for q in questions)
     assert "description:" in capsys.readouterr().out

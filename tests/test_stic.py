@@ -6,6 +6,7 @@ import math
 import random
 import shutil
 import signal
+import subprocess
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,7 +38,7 @@ from nanovlm.templates import IGNORE_INDEX, get_template, tokenize_conversation
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.train import Distributed, TrainConfig, train
 from nanovlm.vlm import VLM, load_pretrained
-from test_train import run_script
+from test_train import ENV, command, run_script
 
 LLM_TARGETS = train_stic.LLM_TARGETS
 
@@ -280,7 +281,11 @@ def image_folder(world: Path, folder: Path, n: int) -> Path:
 
 def stic(init, out, *args, processes=1, wait=True):
     """train_stic.py from `init`: its stdout, or the running process if not `wait`."""
-    return run_script(["train_stic.py", "--init", str(init), "--out_dir", str(out), *args], processes, wait=wait)
+    line = ["--init", str(init), "--out_dir", str(out), *args]
+    if not wait:
+        return subprocess.Popen(command("train_stic.py", *line, processes=processes), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env=ENV)
+    return run_script("train_stic.py", *line, processes=processes).stdout
 
 
 @pytest.mark.slow
@@ -379,9 +384,10 @@ def test_all_three_steps_on_the_tiny_preset(world, init, tmp_path):
     described = json.loads((out / "described.json").read_text())
     assert len(described) == 8 and all(r["conversations"][0]["value"].startswith("<image>\nImage description:\n")
                                        for r in described)
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((out / "adapter" / "language_model" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16.0, 0.05)
-    assert json.loads((out / "dpo" / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.0
+    dpo_config = out / "dpo" / "adapter" / "language_model" / "adapter_config.json"
+    assert json.loads(dpo_config.read_text())["lora_dropout"] == 0.0
     base, final = VLM.from_pretrained(str(init)), VLM.from_pretrained(str(out))
     assert not torch.equal(base.language_model.layers[0].mlp.down_proj.weight,
                            final.language_model.layers[0].mlp.down_proj.weight)
@@ -409,7 +415,7 @@ def test_the_real_preset_runs_on_a_llava_hf_checkpoint(tmp_path, llama_tokenizer
          str(tmp_path / "data" / "mix.json"), "--max_new_tokens", "4", "--generation_batch_size", "2",
          "--global_batch_size", "2", "--num_sft", "4", "--num_workers", "0", "--sft_micro_batch_size", "2",
          "--sft_global_batch_size", "2")
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((out / "adapter" / "language_model" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (128, 256.0)
     assert len(config["target_modules"]) == 7 * hub_models.TEXT["num_hidden_layers"]
     assert config["target_modules"][0].startswith("model.language_model.layers.")

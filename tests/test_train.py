@@ -22,31 +22,38 @@ from train_align import shapes_corpus
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(script: list[str], processes: int = 1, timeout: int = 300, wait: bool = True):
-    """Run `script` (a script of the repository and its arguments) as one process or under torchrun with gloo;
-    its stdout once it has succeeded, or the running process if not `wait`."""
-    if processes > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                   "--master_addr=127.0.0.1", f"--master_port={port}", str(ROOT / script[0]), *script[1:]]
-    else:
-        command = [sys.executable, str(ROOT / script[0]), *script[1:]]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if not wait:
-        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+def command(script: str, *args: str, processes: int = 1) -> list[str]:
+    """The command line of a training script, as one process or under torchrun (gloo on CPU)."""
+    line = [str(ROOT / script), *args]
+    if processes == 1:
+        return [sys.executable, *line]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
+            f"--master_port={port}", *line]
+
+
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_script(script: str, *args: str, processes: int = 1, cwd: Path = ROOT,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a training script to its end (a failure shows its stderr); its output."""
+    run = subprocess.run(command(script, *args, processes=processes), cwd=cwd, capture_output=True, text=True,
+                         env=ENV, timeout=timeout)
     assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout
+    return run
 
 
-def launch(init, world, out, *args, processes=1, timeout=300, wait=True, script="train_sft.py"):
+def launch(init, world, out, *args, processes=1, timeout=300, wait=True, script="train_sft.py",
+           data="instruct.json"):
     """Run a training script on the small world from `init`, as one process or under torchrun; its metrics."""
-    running = run_script([script, "--init", str(init), "--data", str(world / "instruct.json"), "--out_dir", str(out),
-                          "--global_batch_size", "16", *args], processes, timeout, wait)
+    line = ["--init", str(init), "--data", str(world / data), "--out_dir", str(out), "--global_batch_size", "16", *args]
     if not wait:
-        return running
+        return subprocess.Popen(command(script, *line, processes=processes), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env=ENV)
+    run_script(script, *line, processes=processes, timeout=timeout)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -133,3 +140,37 @@ def test_default_align_run_builds_the_shapes_world_and_a_loadable_model(tmp_path
     # the learnt tokenizer knows the world's words and the chat template's: one token each, no byte pieces
     assert len(tokenizer.encode(" ASSISTANT: yellow triangle")) <= 5
     assert model.cfg.image_token_id == tokenizer.image_token_id
+
+
+@pytest.mark.slow
+def test_torchrun_four_processes_run_every_script_with_its_defaults(world, init, tmp_path):
+    """The headline commands under torchrun --nproc_per_node=4, each with its preset's batch (32 records, a
+    micro-batch of 32 that does not fit 4 processes), pointed at the small world; stage 2 and SQ-LLaVA continue
+    stage 1 from out/tiny/align as they do by default."""
+    stages = [("train_align.py", "align", ["--init", str(init), "--data", str(world / "captions.json")]),
+              ("train_sft.py", "sft", ["--data", str(world / "instruct.json")]),
+              ("train_selfq.py", "selfq", ["--data", str(world / "instruct.json")])]
+    for script, stage, args in stages:
+        run = run_script(script, "--max_steps", "2", *args, processes=4, cwd=tmp_path)
+        assert run.stdout.count("batch: 32 records per step = 4 process(es) x 8 records x 1 accumulation") == 1
+        history = [json.loads(line) for line in (tmp_path / "out" / "tiny" / stage / "metrics.jsonl").open()]
+        assert [r["step"] for r in history] == [1, 2] and all(r["targets"] > 0 for r in history)
+        assert (tmp_path / "out" / "tiny" / stage / "model.safetensors").is_file()
+    assert "has no prototype extractor; adding a new one with 8 centres" in run.stdout  # LLaVA's stage 1
+
+
+@pytest.mark.parametrize("script", ["train_align.py", "train_sft.py", "train_selfq.py"])
+def test_impossible_split_stops_before_any_model_is_loaded(script, tmp_path):
+    """Under torchrun with 3 processes (its environment, one process) the 7B preset's global batch cannot be
+    shared: the run stops in seconds with the numbers and values that work. Loading the model first would
+    fail differently: its checkpoints are not in this empty, offline Hub cache."""
+    env = ENV | {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    start = time.time()
+    run = subprocess.run(command(script, "--preset", "llava15-7b", "--data", "absent.json"), cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    elapsed = time.time() - start
+    batch = 256 if script == "train_align.py" else 128
+    assert run.returncode != 0
+    assert f"a global batch of {batch} records cannot be split over 3 processes" in run.stderr, run.stderr[-2000:]
+    assert f"--global_batch_size {(batch // 3 + 1) * 3} or {batch // 3 * 3}" in run.stderr and "Hub" not in run.stderr
+    assert elapsed < 5, elapsed
