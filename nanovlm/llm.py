@@ -93,9 +93,11 @@ def rope_inv_freq(cfg: LLMConfig, device: torch.device | None = None) -> torch.T
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the rotate-half layout: x * cos + (-x2, x1) * sin, where x = (x1, x2) halves. The sign
+    is folded into `signed_sin` = (-sin, sin) once per forward, so each call is a roll and two products, not a
+    chunk, a negation and a concatenation."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class RMSNorm(nn.Module):
@@ -105,9 +107,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)  # one kernel
 
 
 class KVCache:
@@ -166,8 +166,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
-        q = q * cos + rotate_half(q) * sin  # cos, sin: (B, 1, T, head_dim), broadcast over heads
-        k = k * cos + rotate_half(k) * sin
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # cos, sin: (B, 1, T, head_dim), broadcast over heads
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv, S, head_dim), S = cached + T positions
         # (B, n_head, T, head_dim); each key/value head serves n_head / n_kv query heads
@@ -214,11 +213,12 @@ class LLM(nn.Module):
         self.compiled_decode = None  # set by compile_decoding()
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape (B, 1, T, head_dim), computed in float32 like the reference."""
+        """cos and signed sin (-sin, sin) of shape (B, 1, T, head_dim), computed in float32 like the reference."""
         inv_freq = rope_inv_freq(self.cfg, position_ids.device)  # (head_dim / 2,)
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim / 2)
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, head_dim), the rotate-half layout
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        # (B, 1, T, head_dim), the rotate-half layout; cos(-f) = cos(f) and sin(-f) = -sin(f) give the signed sin
+        angles = torch.cat([-freqs, freqs], dim=-1)[:, None]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -261,6 +261,14 @@ class LLM(nn.Module):
         self.compiled_decode = torch.compile(self.decode, fullgraph=True, dynamic=False,
                                              mode="reduce-overhead" if cuda else None,
                                              options=None if cuda else {"freezing": True})
+
+    def compile_blocks(self) -> None:
+        """Run every decoder block through torch.compile (for training; off by default): its RMSNorms, rotary
+        embedding, SwiGLU and residual adds fuse into a few loops around the matmuls, forward and backward. The
+        blocks share one compiled program, their weights being its inputs; it compiles at the first call (and once
+        more when the sequence length first changes, after which lengths are symbolic)."""
+        for block in self.layers:
+            block.compile()
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:

@@ -18,8 +18,8 @@ Each row has its roofline: useful GFLOP/s (the FLOPs nanovlm's step executes, co
 over the time) against the matmul peak, and for decoding, the GB/s of weights and KV cache a step must read
 against the memory bandwidth; peak and bandwidth are measured here by a matmul and a memory micro-benchmark.
 nanovlm's speed switches are timed beside its defaults: bfloat16 weights (--bf16; greedy agreement with float32
-is reported, not assumed), and a compiled decoding step (--compile; LLM.compile_decoding with inductor's
-freezing; the compile's time is reported).
+is reported, not assumed), and with --compile, a compiled decoding step (LLM.compile_decoding, with inductor's
+freezing; the compile's time is reported) and compiled decoder blocks in the training step (LLM.compile_blocks).
 
 Run from the repository root (transformers must be installed, as for the tests); the model is written once to
 --checkpoint (default: a temporary folder):
@@ -37,15 +37,13 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import tokenizers
 import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
-import hub_models  # tests/, on the path when run as a script
+from benchmark_speed import build_checkpoint, word_level_tokenizer  # tests/, on the path as a script
 from nanovlm.generate import Sampling, generate
-from nanovlm.tokenizer import Tokenizer
 from nanovlm.vlm import VLM
 
 VISION = dict(model_type="clip_vision_model", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -68,7 +66,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per training sample")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--bf16", action="store_true", help="also time both libraries with bfloat16 weights")
-    p.add_argument("--compile", action="store_true", help="also time nanovlm's compiled decoding step")
+    p.add_argument("--compile", action="store_true",
+                   help="also time nanovlm's compiled decoding step and its training step with compiled blocks")
     p.add_argument("--skip-train", action="store_true", help="generation only")
     p.add_argument("--profile", action="store_true", help="print where nanovlm's time goes (torch.profiler)")
     p.add_argument("--checkpoint", type=Path, help="where the random model is written (reused if present)")
@@ -117,24 +116,6 @@ def machine(threads: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The model, the inputs and the work they take
-
-
-def build_checkpoint(path: Path) -> None:
-    torch.manual_seed(0)
-    cfg = LlavaConfig(vision_config=VISION, text_config=TEXT, image_token_index=IMAGE_TOKEN,
-                      image_seq_length=IMAGE_TOKENS, tie_word_embeddings=True)
-    model = LlavaForConditionalGeneration(cfg)
-    hub_models.perturb(model)
-    model.save_pretrained(path)
-
-
-def word_level_tokenizer() -> Tokenizer:
-    """generate() needs a tokenizer only for its pad and end-of-sequence ids. The end-of-sequence id is the image
-    placeholder: nanovlm masks it out of every step, and transformers' min_new_tokens masks its eos until the
-    last token, so both decode exactly `--new-tokens` greedy tokens under the same constraint."""
-    vocab = {f"t{i}": i for i in range(IMAGE_TOKEN)} | {"<image>": IMAGE_TOKEN}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
-    return Tokenizer(tok, bos_ids=[], eos_id=IMAGE_TOKEN, pad_id=PAD)
 
 
 def training_batch(batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -214,18 +195,18 @@ def summary(seconds: list[float]) -> dict:
 
 def bench_training(models: dict, args, peaks: dict) -> dict:
     ids, labels, pixels = training_batch(args.batch, args.seq_len)
-    ours, ref = models["nanovlm"], models["transformers"]
-    losses = {"nanovlm": lambda: ours.loss(ids, labels, pixels),
-              "transformers": lambda: ref(input_ids=ids, pixel_values=pixels, labels=labels).loss}
+    losses = {name: (lambda m=model: m.loss(ids, labels, pixels)) if isinstance(model, VLM) else
+              (lambda m=model: m(input_ids=ids, pixel_values=pixels, labels=labels).loss)
+              for name, model in models.items()}
     with torch.no_grad():
         values = {name: fn().item() for name, fn in losses.items()}
-    assert abs(values["nanovlm"] - values["transformers"]) < 1e-4, f"losses differ: {values}"
+    assert all(abs(v - values["transformers"]) < 1e-4 for v in values.values()), f"losses differ: {values}"
 
     def step(model, loss_fn):
         model.zero_grad(set_to_none=True)
         loss_fn().backward()
 
-    flops = counted_flops(lambda: step(ours, losses["nanovlm"]))
+    flops = counted_flops(lambda: step(models["nanovlm"], losses["nanovlm"]))
     runs = {name: lambda m=models[name], f=fn: step(m, f) for name, fn in losses.items()}
     times = interleaved(runs, args.iters)
     rows = {}
@@ -238,7 +219,7 @@ def bench_training(models: dict, args, peaks: dict) -> dict:
 
 
 def nanovlm_generation(model: VLM, prompts, pixels):
-    tokenizer = word_level_tokenizer()
+    tokenizer = word_level_tokenizer(TEXT["vocab_size"])
     return lambda n: generate(model, tokenizer, prompts, pixels, Sampling(max_new_tokens=n))
 
 
@@ -419,6 +400,8 @@ def load_models(path: Path, args) -> dict:
             if dtype == torch.float32 or args.bf16:
                 models[name] = VLM.from_pretrained(str(path), dtype=dtype)
                 models[name].language_model.compile_decoding()
+        models["nanovlm compiled blocks"] = VLM.from_pretrained(str(path))  # for training only
+        models["nanovlm compiled blocks"].language_model.compile_blocks()
     for model in models.values():
         (model.vision_tower if isinstance(model, VLM) else model.model.vision_tower).requires_grad_(False)
     return models
@@ -432,16 +415,17 @@ def main() -> None:
     results["peaks"] = machine_peaks()
     with tempfile.TemporaryDirectory() if args.checkpoint is None else nullcontext(args.checkpoint) as folder:
         if not (Path(folder) / "model.safetensors").exists():
-            build_checkpoint(Path(folder))
+            build_checkpoint(Path(folder), VISION, TEXT)
         models = load_models(Path(folder), args)
     if args.profile:
         print(profile(models["nanovlm"], args))
     if not args.skip_train:
-        training = {name: models[name].train() for name in ("nanovlm", "transformers")}
+        training = {name: models[name].train() for name in ("nanovlm", "transformers", "nanovlm compiled blocks")
+                    if name in models}
         results["train"] = bench_training(training, args, results["peaks"])
         print(f"training: {json.dumps({k: round(v['median'], 2) for k, v in results['train']['rows'].items()})}",
               flush=True)
-    generating = {name: model.eval() for name, model in models.items()}
+    generating = {name: model.eval() for name, model in models.items() if name != "nanovlm compiled blocks"}
     for key, batch in (("generate_1", 1), ("generate_batch", args.batch)):
         results[key] = bench_generation(generating, batch, args, results["peaks"])
         print(f"{key}: {json.dumps({k: round(v['tokens_per_s'], 1) for k, v in results[key]['rows'].items()})}",

@@ -57,23 +57,26 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def build_checkpoint(path: Path) -> None:
+def build_checkpoint(path: Path, vision: dict = VISION, text: dict = TEXT) -> None:
+    """A random llava checkpoint of these shapes (the image token the vocabulary's last), written by transformers."""
     torch.manual_seed(0)
-    cfg = LlavaConfig(vision_config=VISION, text_config=TEXT, image_token_index=IMAGE_TOKEN,
-                      image_seq_length=IMAGE_TOKENS)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=text["vocab_size"] - 1,
+                      image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
+                      tie_word_embeddings=text.get("tie_word_embeddings", False))
     model = LlavaForConditionalGeneration(cfg)
     hub_models.perturb(model)
     model.save_pretrained(path)
 
 
-def word_level_tokenizer() -> Tokenizer:
+def word_level_tokenizer(vocab_size: int = TEXT["vocab_size"]) -> Tokenizer:
     """generate() needs a tokenizer only for its pad and end-of-sequence ids. The end-of-sequence id is the image
-    placeholder: nanovlm masks it out of every step, and transformers' min_new_tokens masks its eos until the
-    last token, so both decode exactly `--new-tokens` greedy tokens under the same constraint."""
-    vocab = {f"t{i}": i for i in range(TEXT["vocab_size"])} | {"<image>": IMAGE_TOKEN}
-    del vocab[f"t{IMAGE_TOKEN}"]
+    placeholder (the vocabulary's last id): nanovlm masks it out of every step, and transformers' min_new_tokens
+    masks its eos until the last token, so both decode exactly `--new-tokens` greedy tokens under the same
+    constraint."""
+    image_token = vocab_size - 1
+    vocab = {f"t{i}": i for i in range(image_token)} | {"<image>": image_token}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
-    return Tokenizer(tok, bos_ids=[], eos_id=IMAGE_TOKEN, pad_id=PAD)
+    return Tokenizer(tok, bos_ids=[], eos_id=image_token, pad_id=PAD)
 
 
 def text_tokens(n: int, generator: torch.Generator) -> torch.Tensor:

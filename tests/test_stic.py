@@ -244,12 +244,14 @@ def test_every_generation_training_and_dar_pass_sees_the_image(world, init, tmp_
     records = make_preferences(model, tokenizer, processor, template, world, names, 0, sampling,
                                prompts=PAPER_PROMPTS)
     spy.assert_every_row_has_its_image()
-    [(_, _, pixels, _)] = spy.calls  # one batch: chosen and rejected of each image in turn
+    [(_, _, pixels, _)] = spy.calls  # one batch: chosen and rejected of each image, ordered by prompt length
     kinds = [r["corruption"] for r in records]
     assert {None, "downscale", "colour_jitter"} <= set(kinds)
-    for i, record in enumerate(records):
-        same = torch.equal(pixels[2 * i], pixels[2 * i + 1])
-        assert same == (record["corruption"] is None), record  # the dispreferred answer saw the corrupted image
+    for record in records:
+        clean = processor(load_image(world / record["image"]))
+        seen_clean = sum(torch.equal(clean, row) for row in pixels)
+        # the chosen answer saw the image; the dispreferred one saw it too, or its corruption
+        assert seen_clean == (1 if record["corruption"] else 2), record
         assert record["prompt"] in PAPER_PROMPTS.describe and set(record) >= {"chosen", "rejected", "image"}
 
     spy = ImageTokenSpy(model, tokenizer)
