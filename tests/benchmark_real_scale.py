@@ -386,6 +386,14 @@ def tables(results: dict, args) -> str:
     return "\n".join(lines)
 
 
+def save(results: dict, path: Path | None) -> None:
+    """Write what is measured so far (without the generated tokens), so that a run cut short keeps it."""
+    if path is not None:
+        kept = {key: {k: v for k, v in value.items() if k != "tokens"} if isinstance(value, dict) else value
+                for key, value in results.items()}
+        path.write_text(json.dumps(kept, indent=2) + "\n")
+
+
 def load_models(path: Path, args) -> dict:
     """Every implementation the run times, on the checkpoint at `path`; the vision towers frozen."""
     models = {"nanovlm": VLM.from_pretrained(str(path)),
@@ -425,11 +433,13 @@ def main() -> None:
         results["train"] = bench_training(training, args, results["peaks"])
         print(f"training: {json.dumps({k: round(v['median'], 2) for k, v in results['train']['rows'].items()})}",
               flush=True)
+        save(results, args.json)
     generating = {name: model.eval() for name, model in models.items() if name != "nanovlm compiled blocks"}
     for key, batch in (("generate_1", 1), ("generate_batch", args.batch)):
         results[key] = bench_generation(generating, batch, args, results["peaks"])
         print(f"{key}: {json.dumps({k: round(v['tokens_per_s'], 1) for k, v in results[key]['rows'].items()})}",
               flush=True)
+        save(results, args.json)
     assert results["generate_1"]["same_tokens_as_transformers"]["nanovlm"], "greedy tokens differ from transformers"
     if args.bf16:
         prompts, pixels = generation_prompts(args.batch)
@@ -444,10 +454,7 @@ def main() -> None:
     print(f"\n{info['cpu']}, {info['threads']} threads, torch {info['torch']}, transformers {info['transformers']}; "
           f"load average {info['load_average_before'][0]:.2f} before, {info['load_average_after'][0]:.2f} after\n")
     print(tables(results, args))
-    if args.json:
-        for key in ("generate_1", "generate_batch"):
-            results.get(key, {}).pop("tokens", None)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    save(results, args.json)
 
 
 if __name__ == "__main__":
