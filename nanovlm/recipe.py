@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from . import memory_plan
 from .config import add_options, read_options, underscored
-from .data import DataSource, LLaVADataset, batch_geometry
+from .data import BatchGeometry, DataSource, LLaVADataset, batch_geometry
 from .image import ImageProcessor
 from .presets import PRESETS
 from .templates import get_template
@@ -49,6 +50,7 @@ def parse(description: str, recipes: dict[str, TrainConfig], argv: list[str] | N
 
     The batch geometry is settled here, before any model is built: under torchrun a micro-batch too large for
     the global batch's share of a process shrinks, and a global batch the processes cannot share stops the run.
+    The memory plan is printed here too (nanovlm/memory_plan.py); --dry_run stops after it.
     """
     argv = underscored(sys.argv[1:] if argv is None else argv)
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the preset decides the defaults
@@ -73,7 +75,23 @@ def parse(description: str, recipes: dict[str, TrainConfig], argv: list[str] | N
     cfg.micro_batch_size = geometry.micro_batch
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"batch: {geometry}")
+        print(describe_plan(preset, args.init, cfg, geometry))
+    if args.dry_run:
+        raise SystemExit(0)
     return Run(preset, cfg, data, args.init, Distributed(), method)
+
+
+def describe_plan(preset: str, init: str | None, cfg: TrainConfig, geometry: BatchGeometry) -> str:
+    """The memory plan of the run the command line asks for, on the GPU found (or on common sizes)."""
+    architecture = memory_plan.architecture(preset, init)
+    if architecture is None:
+        return f"memory plan: the {preset} preset's architecture is known once downloaded; pass --init DIR"
+    estimate = memory_plan.plan(architecture, list(cfg.lr), geometry.world_size, geometry.micro_batch,
+                                geometry.accumulation, cfg.max_length, cfg.gradient_checkpointing, cfg.fsdp)
+    title = (f"{preset}, {'FSDP' if cfg.fsdp else 'DDP'} over {geometry.world_size} process(es), micro-batch "
+             f"{geometry.micro_batch} x {cfg.max_length} tokens, accumulation {geometry.accumulation}, gradient "
+             f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, per GPU")
+    return estimate.describe(title, *memory_plan.device_memory())
 
 
 def command_line(description: str, presets: list[str], preset: str, cfg: TrainConfig,
@@ -91,6 +109,8 @@ def command_line(description: str, presets: list[str], preset: str, cfg: TrainCo
                              "shapes world on the tiny preset, required on the others)")
     parser.add_argument("--image_folder", default=None, metavar="DIR",
                         help="image root of every --data file (default: each JSON file's folder)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the batch and the memory plan, then stop, before any model is built")
     parser.add_argument("--init", default=None, metavar="DIR",
                         help="checkpoint to start from, a directory or Hub repo id (default: the previous stage's "
                              "output, where there is one)")

@@ -15,7 +15,9 @@ this file does the rest:
   objective reports (`Objective.metrics`, e.g. DPO's rewards), normalised like the loss, and the recipe's own
   evaluation every `eval_every` steps where it has one (an accuracy curve).
 A dataset whose records are not single sequences (preference pairs) brings its own `collate(samples, pad_id)`.
-Sharding (FSDP) would replace `wrap` and the checkpoint state functions; nothing else.
+With `fsdp` the processes shard the model instead of each holding a copy (nanovlm/sharding.py): the same
+objectives, loss normalisation and checkpoints, written as shards; throughput (tokens/s a GPU, MFU) is logged
+either way (nanovlm/throughput.py).
 """
 
 from __future__ import annotations  # train() comes first and names classes defined below it
@@ -37,6 +39,8 @@ from tqdm import tqdm
 
 from .checkpoint import write_json
 from .data import batch_geometry, collate, step_batches
+from .sharding import clip_grad_norm, shard, unshard
+from .throughput import Throughput
 from .train_state import checkpoints, load_checkpoint, restart_log, save_checkpoint
 
 
@@ -58,6 +62,7 @@ class TrainConfig:
     skip_bad_records: bool = False  # drop (and count) bad records instead of stopping with their file and index
     group_by_length: bool = False  # micro-batches of similar lengths, so they pad less
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP
     save_every: int = 0  # steps between checkpoints; 0: no checkpoint, only the finished model
     keep_checkpoints: int = 2  # the newest checkpoints kept
     resume: bool = False  # continue from the newest checkpoint in out_dir
@@ -82,13 +87,21 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
     if len(chosen) != len(set(chosen)):
         raise ValueError(f"the learning-rate groups {sorted(cfg.lr)} share parameters: name a part as a whole "
                          f"(vision) or by its pieces (vision0, vision1), not both")
+    if cfg.fsdp and evaluate is not None and cfg.eval_every:
+        raise ValueError("--eval_every evaluates on rank 0 alone, which a sharded model cannot: train without --fsdp")
     for p in objective.parameters():
         p.requires_grad_(False)
+    for g in cfg.lr:
+        for _, p in groups[g]:
+            p.requires_grad_(True)
+            if env.device.type == "cuda":
+                p.data = p.data.float()  # fp32 master weights; frozen ones may stay in bf16
+    objective.to(env.device)
+    sharded = objective if cfg.fsdp else None  # FSDP shards the objective in place
+    if cfg.fsdp:
+        groups = shard(objective, groups, env.device)
+    model = objective if cfg.fsdp else wrap(objective, env)
     trainable = {name: p for g in cfg.lr for name, p in groups[g]}
-    for p in trainable.values():
-        p.requires_grad_(True)
-        if env.device.type == "cuda":
-            p.data = p.data.float()  # fp32 master weights; frozen ones may stay in bf16
     optimizer = make_optimizer(cfg, groups)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
@@ -102,8 +115,8 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
 
     step = 0
     if cfg.resume and checkpoints(out_dir):
-        step = load_checkpoint(checkpoints(out_dir)[-1], trainable, optimizer, env)
-    model = wrap(objective.to(env.device), env)
+        step = load_checkpoint(checkpoints(out_dir)[-1], trainable, optimizer, env, sharded)
+    throughput = Throughput(objective.model.cfg, env)
     log_file = out_dir / "metrics.jsonl"
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,9 +143,11 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
             loss_sum, extra_sums = 0.0, {}
             for i, batch in enumerate(batch_list):
                 sync = i == len(batch_list) - 1 or env.world_size == 1
-                with autocast, (nullcontext() if sync else model.no_sync()):
+                if cfg.fsdp:
+                    model.set_requires_gradient_sync(sync)
+                with autocast, (nullcontext() if sync or cfg.fsdp else model.no_sync()):
                     loss = model(batch)
-                    # DDP averages gradients over ranks; scale so the step's gradient is sum / total targets.
+                    # DDP and FSDP average gradients over ranks; scale so the step's gradient is sum / total targets.
                     (loss * env.world_size / max(targets, 1)).backward()
                 loss_sum += loss.item()
                 for name, value in objective.metrics().items():
@@ -142,14 +157,14 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
             if not math.isfinite(loss_value):
                 raise RuntimeError(f"non-finite loss {loss_value} at step {step}; stopping (lower the learning rate "
                                    f"or check the data of this step)")
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
+            grad_norm = clip_grad_norm(list(trainable.values()), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             record = {"step": step, "epoch": epoch, "loss": loss_value, "grad_norm": float(grad_norm),
                       "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}, "targets": int(targets),
                       "skipped_records": int(env.sum(skipped)) + sum(getattr(dataset, "skipped", {}).values()),
-                      "elapsed_s": round(time.time() - start_time, 2)} | extras
+                      "elapsed_s": round(time.time() - start_time, 2)} | throughput.step(batch_list) | extras
             if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total) and env.main:
                 record["eval"] = evaluate()  # the other ranks wait at the next step's first all-reduce
                 objective.train()
@@ -158,10 +173,14 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
                 with open(log_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", **{name: f"{value:.4f}" for name, value in extras.items()})
+            bar.set_postfix(loss=f"{loss_value:.4f}", **{name: f"{value:.4f}" for name, value in extras.items()},
+                            **throughput.shown(record))
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save_checkpoint(out_dir, step, trainable, optimizer, cfg, env, cfg.keep_checkpoints)
+                save_checkpoint(out_dir, step, trainable, optimizer, cfg, env, cfg.keep_checkpoints, sharded)
     bar.close()
+    if cfg.fsdp:
+        del optimizer  # its state is freed before the full weights are gathered
+        unshard(objective.model)
     return history
 
 

@@ -3,7 +3,8 @@
 A checkpoint holds what a run needs to go on along the same loss curve: the trainable weights, the optimizer,
 the step and every rank's RNG state (Python, NumPy, torch, CUDA). A killed run leaves whole checkpoints only,
 the newest `keep` are kept, and a resumed run's metrics.jsonl is cut back to its checkpoint's step. Sharding
-(FSDP) would replace what save_checkpoint gathers and load_checkpoint restores; nothing else.
+(--fsdp) changes what is written: each rank writes its shard of the trainable weights and the optimizer
+(torch.distributed.checkpoint, nanovlm/sharding.py), and a run resumes from it on any number of processes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from .checkpoint import atomic_write, write_json, write_weights
+from .sharding import load_sharded, save_sharded
 
 if TYPE_CHECKING:  # train.py imports this module
     from .train import Distributed, TrainConfig
@@ -49,19 +51,25 @@ def checkpoints(out_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, nn.Parameter],
-                    optimizer: torch.optim.Optimizer, cfg: TrainConfig, env: Distributed, keep: int) -> None:
+                    optimizer: torch.optim.Optimizer, cfg: TrainConfig, env: Distributed, keep: int,
+                    sharded: nn.Module | None = None) -> None:
     """checkpoint-STEP/ holds the trainable weights (frozen ones never change), the optimizer, the step, the
-    config and one RNG file per rank. It is assembled under a temporary name and renamed when complete."""
+    config and one RNG file per rank; with a `sharded` (FSDP) model, each rank's shard of the weights and the
+    optimizer. It is assembled under a temporary name and renamed when complete."""
     final, tmp = out_dir / f"checkpoint-{step}", out_dir / f".checkpoint-{step}.tmp"
     if env.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     env.barrier()
     atomic_write(tmp / f"rng_rank{env.rank}.pt", lambda f: torch.save(rng_state(), f))
-    if env.main:
+    if sharded is not None:
+        save_sharded(tmp / "sharded", sharded, optimizer)
+    elif env.main:
         write_weights(tmp / "trainable.safetensors", {k: p.data for k, p in trainable.items()})
         atomic_write(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
-        write_json(tmp / "trainer_state.json", {"step": step, "world_size": env.world_size, "config": asdict(cfg)})
+    if env.main:
+        write_json(tmp / "trainer_state.json", {"step": step, "world_size": env.world_size,
+                                                "sharded": sharded is not None, "config": asdict(cfg)})
     env.barrier()
     if env.main:
         os.replace(tmp, final)
@@ -71,9 +79,19 @@ def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, nn.Parameter]
 
 
 def load_checkpoint(path: Path, trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                    env: Distributed) -> int:
-    """Restore the trainable weights, the optimizer and this rank's RNG from `path`; return its step."""
+                    env: Distributed, sharded: nn.Module | None = None) -> int:
+    """Restore the trainable weights, the optimizer and this rank's RNG from `path`; return its step. A sharded
+    checkpoint resumes on any number of processes; its RNG states only on as many as wrote it (else the
+    draws, such as dropout's, differ from an uninterrupted run's)."""
     state = json.loads((path / "trainer_state.json").read_text())
+    if state.get("sharded", False) != (sharded is not None):
+        raise ValueError(f"{path} was written {'with' if state.get('sharded') else 'without'} --fsdp; "
+                         f"resume the same way")
+    if sharded is not None:
+        load_sharded(path / "sharded", sharded, optimizer)
+        if state["world_size"] == env.world_size:
+            set_rng_state(torch.load(path / f"rng_rank{env.rank}.pt", weights_only=True))
+        return state["step"]
     if state["world_size"] != env.world_size:
         raise ValueError(f"{path} was written by {state['world_size']} processes; resume with as many")
     weights = load_file(path / "trainable.safetensors")
