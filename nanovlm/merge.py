@@ -54,7 +54,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import brief, read_config, rename, resolve, weight_files, write_json
-from .vlm import LLAVA_RENAMES
+from .vlm import ADAPTER_TOWERS, LLAVA_RENAMES
 
 # What a checkpoint holds besides its weights and the merge keeps: the first checkpoint's (the base's) files.
 # Training logs and evaluation results are left behind: they describe another model.
@@ -312,10 +312,19 @@ def read_adapter(path: Path) -> dict[str, LoRA]:
     return adapters
 
 
+def read_adapters(path: Path) -> dict[str, LoRA]:
+    """A PEFT adapter folder, or nanovlm's adapter/ folder: one PEFT adapter per tower (VLM.save_adapter)."""
+    towers = [path / tower for tower in ADAPTER_TOWERS if (path / tower / "adapter_config.json").is_file()]
+    adapters = {}
+    for folder in towers or [path]:
+        adapters |= read_adapter(folder)
+    return adapters
+
+
 def merge_adapter(adapter: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike,
                   max_shard_size: int = DEFAULT_SHARD, overwrite: bool = False) -> Path:
     """Write `base` (a local folder or Hub repo id) with the LoRA adapter at `adapter` merged into its weights."""
-    adapters = read_adapter(Path(adapter))
+    adapters = read_adapters(Path(adapter))
     checkpoint = Checkpoint.open(base)
     keys = {canonical(key): key for key in checkpoint.files}
     unmatched = sorted(set(adapters) - set(keys))

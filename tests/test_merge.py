@@ -14,9 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import hub_models
 from nanovlm.checkpoint import weight_files
-from nanovlm.lora import save_adapter
 from nanovlm.merge import IncompatibleCheckpoints, main, merge, merge_adapter, mix
-from nanovlm.vlm import PEFT_RENAMES, VLM
+from nanovlm.vlm import VLM
 from test_lora import adapted
 from test_model import llava_batch
 
@@ -235,7 +234,7 @@ def test_merging_sharded_checkpoints_holds_about_one_shard_in_memory(tmp_path):
 
 def test_nanovlm_adapter_merged_into_its_base_gives_the_adapter_models_logits(base, tmp_path):
     model = adapted(base)  # LoRA on both towers, two ranks, B non-zero
-    save_adapter(model, tmp_path / "adapter", PEFT_RENAMES, str(base))
+    model.save_adapter(tmp_path / "adapter", str(base), modules_to_save=())
     out = main(["--adapter", str(tmp_path / "adapter"), str(base), "--out", str(tmp_path / "merged")])
     ids, pixels = llava_batch()
     with torch.no_grad():
@@ -245,7 +244,8 @@ def test_nanovlm_adapter_merged_into_its_base_gives_the_adapter_models_logits(ba
         assert (VLM.from_pretrained(str(base)).eval()(ids, pixels) - expected).abs().max() > 1e-3  # it acts
     assert hub_models.config(out) == hub_models.config(base)
     changed = json.loads((out / "merge.json").read_text())["adapted"]
-    assert len(changed) == len(json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"])
+    assert len(changed) == sum(len(json.loads((tmp_path / "adapter" / tower / "adapter_config.json").read_text())[
+        "target_modules"]) for tower in ("language_model", "vision_tower"))
 
 
 def test_peft_adapter_merged_into_its_base_gives_the_peft_models_logits(base, tmp_path):
@@ -270,11 +270,11 @@ def test_peft_adapter_merged_into_its_base_gives_the_peft_models_logits(base, tm
 
 def test_bad_adapters_are_named_errors(base, tmp_path):
     model = adapted(base)
-    save_adapter(model, tmp_path / "adapter", PEFT_RENAMES, str(base))
+    model.save_adapter(tmp_path / "adapter", str(base), modules_to_save=())
     other = hub_models.llava(tmp_path / "other", hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
     with pytest.raises(IncompatibleCheckpoints, match="shapes that differ"):
         merge_adapter(tmp_path / "adapter", other, tmp_path / "out")
-    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config_file = tmp_path / "adapter" / "language_model" / "adapter_config.json"
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps(config | {"use_dora": True}))
     with pytest.raises(ValueError, match="unsupported adapter settings {'use_dora': True}"):

@@ -191,7 +191,7 @@ def selfq(init, world, out, *args, processes=1):
 def shapes_batch(model: VLM, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Two sequences with one image each (its 16 image tokens) among random text tokens of the tiny vocabulary."""
     g = torch.Generator().manual_seed(seed)
-    n = model.cfg.vision.num_image_tokens()
+    n = model.cfg.num_image_tokens()
     ids = torch.randint(3, min(model.cfg.llm.vocab_size, model.cfg.image_token_id), (2, n + 12), generator=g)
     ids[0, 2:2 + n] = ids[1, 5:5 + n] = model.cfg.image_token_id
     return ids, torch.randn(2, 3, model.cfg.vision.image_size, model.cfg.vision.image_size, generator=g)
