@@ -70,6 +70,22 @@ def check_image_path(image, absolute_allowed: bool = False) -> None:
         raise BadRecord(f"image {image} is outside the image folder (--allow_absolute_image_paths allows it)")
 
 
+def image_root(folder: Path, data_dir: Path) -> str:
+    """How a data file in `data_dir` names the files under `folder`, inside its own folder: `folder`'s path
+    relative to `data_dir` where it lies below it, else a symlink in `data_dir` named after `folder` (made here),
+    so that a builder's records pass check_image_path without --allow_absolute_image_paths."""
+    relative = os.path.relpath(folder, data_dir)
+    if not relative.startswith(".."):
+        return relative
+    link = data_dir / folder.name
+    if not link.is_symlink():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(relative, target_is_directory=True)
+    if link.resolve() != folder.resolve():
+        raise FileExistsError(f"{link} exists and is not a link to {folder}")
+    return folder.name
+
+
 def check_record(record, image_folder: Path, absolute_allowed: bool = False) -> None:
     """Raise BadRecord saying what is wrong with one LLaVA record."""
     if not isinstance(record, dict) or "conversations" not in record:
