@@ -35,8 +35,9 @@ PRETRAINED = TrainConfig(global_batch_size=128, micro_batch_size=16, lr={"projec
 SEVEN_B = dataclasses.replace(PRETRAINED, fsdp=True, gradient_checkpointing=True)
 # The tiny tower was never pretrained, so it keeps training here too. Three epochs: after two, counting and
 # existence were still climbing (89.0% in distribution against 90.2%, README). The tiny preset's SPHINX variants
-# share it, so that they compare at equal steps.
-TINY = TrainConfig(global_batch_size=32, micro_batch_size=32, epochs=3,
+# share it, so that they compare at equal steps. Two micro-batches of records sorted by length pad 11% fewer
+# tokens than one of 32 (the step's records and its gradient are the same).
+TINY = TrainConfig(global_batch_size=32, micro_batch_size=16, group_by_length=True, epochs=3,
                    lr={"vision": 5e-4, "projector": 5e-4, "llm": 5e-4}, max_length=512)
 RECIPES = {"llava15-7b": SEVEN_B, "small": PRETRAINED, "sphinx-7b": SEVEN_B,
            **{name: TINY for name, preset in PRESETS.items() if preset.vision is None}}

@@ -56,16 +56,17 @@ def shard(objective: nn.Module, groups: dict[str, list[tuple[str, nn.Parameter]]
     return {group: [(name, params[names[id(p)]]) for name, p in named] for group, named in groups.items()}
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ over plain or sharded gradients: the norm of a sharded gradient is a
-    DTensor, whose full value (an all-reduce) scales every shard alike."""
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's whole value (gathered from every rank, so every rank must call it); a plain one as is."""
     from torch.distributed.tensor import DTensor
 
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.nn.utils.get_total_norm over plain or sharded tensors: the norm of sharded ones is a DTensor, whose
+    full value (an all-reduce) is the norm of the whole."""
+    return full(torch.nn.utils.get_total_norm(tensors))
 
 
 def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

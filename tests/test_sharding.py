@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,18 @@ from nanovlm.vlm import VLM
 from test_train import ENV, command, launch
 
 STEPS = ["--max_steps", "6", "--save_every", "3"]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant: torchrun starts each worker in a session of its own, so killing
+    its process group leaves the workers running (and finishing the run)."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        children = Path(f"/proc/{tree[i]}/task/{tree[i]}/children")
+        tree += [int(c) for c in children.read_text().split()] if children.exists() else []
+        i += 1
+    for member in tree:
+        os.kill(member, signal.SIGKILL)
 
 
 def losses(out):
@@ -99,7 +112,7 @@ def test_fsdp_killed_run_resumes_on_the_same_curve_on_2_1_and_4_processes(world,
     deadline = time.time() + 240
     while not (tmp_path / "cut" / "checkpoint-3").is_dir() and victim.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)  # torchrun and both workers
+    kill_tree(victim.pid)
     assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoint-3" / "sharded").glob("*.distcp")) == [
         "__0_0.distcp", "__1_0.distcp"]
