@@ -26,6 +26,7 @@ from data import caption_ranking as caption_ranking_data
 from data import shapes_eval
 from nanovlm import benchmarks, caption_ranking
 from nanovlm.checkpoint import write_json
+from nanovlm.config import number
 from nanovlm.generate import Sampling, answer
 from nanovlm.image import load_image
 from nanovlm.recipe import SHAPES_DIR
@@ -41,21 +42,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--task", choices=benchmarks.TASKS, default="shapes")
     parser.add_argument("--data", help=f"benchmark file (shapes: default {SHAPES_DIR / 'eval.json'}; caption_ranking: "
                         f"default the shapes world's eval captions, {SHAPES_DIR / 'caption_ranking.jsonl'})")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N records")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--limit", type=number(int, ">= 0"), default=0, help="evaluate only the first N records")
+    parser.add_argument("--batch_size", type=number(int, ">= 1"), default=64)
+    parser.add_argument("--max_new_tokens", type=number(int, ">= 1"), default=64)
+    parser.add_argument("--allow_absolute_image_paths", action="store_true",
+                        help="benchmark records may name images outside the benchmark file's folder")
     parser.add_argument("--out", help="predictions JSON (default: eval_TASK.json, eval_TASK_dar.json with --dar, "
                         "beside a local model)")
     parser.add_argument("--image", help="answer one question about this image (with --prompt)")
     parser.add_argument("--prompt", help="the question to ask about --image")
-    parser.add_argument("--temperature", type=float, default=0.0, help="one-question mode; 0 is greedy")
-    parser.add_argument("--self_questions", type=int, default=0,
+    parser.add_argument("--temperature", type=number(float, ">= 0"), default=0.0, help="one-question mode; 0 is greedy")
+    parser.add_argument("--self_questions", type=number(int, ">= 0"), default=0,
                         help="with --image: describe it, then pose N questions about it as the visual user of "
                              "the v1_sq template (SQ-LLaVA models)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed of --self_questions")
+    parser.add_argument("--seed", type=number(int, ">= 0"), default=0, help="sampling seed of --self_questions")
     parser.add_argument("--dar", action="store_true",
                         help="STIC's describe-and-respond: describe each image first, then answer with the description")
-    parser.add_argument("--description_tokens", type=int, default=DESCRIPTION_TOKENS,
+    parser.add_argument("--description_tokens", type=number(int, ">= 1"), default=DESCRIPTION_TOKENS,
                         help="longest description --dar writes")
     parser.add_argument("--revision", help="Hub revision of MODEL")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -103,21 +106,22 @@ def main(argv: list[str] | None = None) -> dict | str | list[str]:
         print(reply)
         return reply
 
+    absolute = args.allow_absolute_image_paths
     start = time.perf_counter()
     if args.task == "shapes":
-        world = Path(args.data).parent if args.data else SHAPES_DIR
-        scores, predictions = shapes_eval.evaluate(model, tokenizer, processor, world, args.batch_size, args.limit,
-                                                   respond)
+        benchmark = benchmarks.load(args.task, args.data or SHAPES_DIR / "eval.json", args.limit, absolute)
+        scores, predictions = shapes_eval.evaluate_benchmark(model, tokenizer, processor, benchmark, args.batch_size,
+                                                             respond=respond)
         table = shapes_eval.format_table(scores)
     elif args.task == "caption_ranking":  # likelihoods, not generation
         benchmark = benchmarks.load(args.task, args.data or caption_ranking_data.shapes_benchmark(SHAPES_DIR),
-                                    args.limit)
+                                    args.limit, absolute)
         scores, predictions = caption_ranking.evaluate(model, tokenizer, processor, benchmark, args.batch_size)
         table = caption_ranking.format_table(scores)
     else:
         if not args.data:
             raise SystemExit(f"--data is required for --task {args.task}")
-        benchmark = benchmarks.load(args.task, args.data, args.limit)
+        benchmark = benchmarks.load(args.task, args.data, args.limit, absolute)
         answers = benchmarks.predict(model, tokenizer, processor, benchmark,
                                      Sampling(max_new_tokens=args.max_new_tokens), args.batch_size, respond=respond)
         scores = benchmarks.score(benchmark, answers)

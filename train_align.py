@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from data import shapes
+from nanovlm.config import ranged
 from nanovlm.data import DataSource
 from nanovlm.presets import PRESETS, pretrained_model, tiny_model
 from nanovlm.prototypes import KEY_NORMS
@@ -48,7 +49,7 @@ RECIPES = {"llava15-7b": PRETRAINED, "small": PRETRAINED, "sphinx-7b": PRETRAINE
 
 @dataclass
 class Align:
-    prototypes: int = 0  # SQ-LLaVA's stage 1: a prototype extractor with this many centres (256 at 7B); 0: none
+    prototypes: int = ranged(0, ">= 0")  # SQ-LLaVA's stage 1: a prototype extractor of this many centres (7B: 256)
     prototype_norm: str = "feature"  # axis along which the extractor normalises v(x): feature, or token (official)
 
 

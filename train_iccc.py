@@ -61,9 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     if not run.data:
         raise SystemExit(f"--data is required for the {run.preset} preset (LLaVA caption JSON, e.g. "
                          f"blip_laion_cc_sbu_558k.json or coco_karpathy_train.json)")
-    data = CaptionCorrectionDataset(run.data, tokenizer, get_template("plain_prompt"), processor,
-                                    model.cfg.num_image_tokens(), run.cfg.max_length, run.cfg.seed,
-                                    run.cfg.skip_bad_records, settings=run.method)
+    with run.env.main_first():  # rank 0 checks the images; the others find its results in the cache
+        data = CaptionCorrectionDataset(run.data, tokenizer, get_template("plain_prompt"), processor,
+                                        model.cfg.num_image_tokens(), run.cfg.max_length, run.cfg.seed,
+                                        run.cfg.skip_bad_records, settings=run.method,
+                                        allow_absolute_image_paths=run.cfg.allow_absolute_image_paths)
     if run.env.main:
         print(f"concept bank over {data.bank.captions} captions, frequent of distinct: {data.bank.summary()}")
     fit(run, model, tokenizer, processor, data)

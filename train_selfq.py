@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from data import shapes_eval
+from nanovlm.config import ranged
 from nanovlm.data import DataSource
 from nanovlm.lora import add_lora
 from nanovlm.presets import PRESETS
@@ -62,6 +63,7 @@ LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 VIT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 SELFQ_TEMPLATE = "v1_sq"  # what SQ-LLaVA trains with
 ANSWER_TEMPLATE = "vicuna_v1"  # what it is evaluated with: every official eval script passes --conv-mode v1
+LORA = (">= 1", "> 0", "[0, 1)")  # the allowed r, alpha and dropout of an adapter
 
 
 @dataclass
@@ -69,10 +71,10 @@ class SelfQ:
     no_selfq: bool = False  # ablation: the chat template, every human turn a USER turn, no question carries loss
     no_prototypes: bool = False  # ablation: no prototype extractor (continues LLaVA's stage 1, out/PRESET/align)
     no_vit_lora: bool = False  # ablation: no LoRA on the vision tower, which stays frozen
-    sq_ratio: float = 0.3  # probability that a human turn after the first becomes a VUSER turn
-    num_prototypes: int = 256  # centres of a new prototype extractor (a stage-1 one keeps its own)
-    llm_lora: tuple[int, float, float] = (128, 256.0, 0.05)  # r, alpha, dropout of the LLM's adapters
-    vit_lora: tuple[int, float, float] = (32, 64.0, 0.2)  # r, alpha, dropout of the vision tower's adapters
+    sq_ratio: float = ranged(0.3, "[0, 1]")  # probability that a human turn after the first becomes a VUSER turn
+    num_prototypes: int = ranged(256, ">= 1")  # centres of a new prototype extractor (a stage-1 one keeps its own)
+    llm_lora: tuple[int, float, float] = ranged((128, 256.0, 0.05), LORA)  # r, alpha, dropout of the LLM's adapters
+    vit_lora: tuple[int, float, float] = ranged((32, 64.0, 0.2), LORA)  # r, alpha, dropout of the ViT's adapters
 
 
 # The paper's 7B recipe (module docstring), the same for both pretrained presets.

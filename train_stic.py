@@ -41,21 +41,24 @@ Where this departs from the official code, and why:
 """
 
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from data import shapes_eval
 from nanovlm.checkpoint import write_json
+from nanovlm.config import ranged
 from nanovlm.data import DataSource
 from nanovlm.dpo import ALPHA, BETA, DPOObjective, PreferenceDataset
 from nanovlm.generate import Sampling
+from nanovlm.image_check import check_images
 from nanovlm.lora import add_lora, lora_layers
 from nanovlm.presets import PRESETS
-from nanovlm.recipe import SHAPES_DIR, dataset, fit, parse, stage_dir, start_from
+from nanovlm.recipe import SHAPES_DIR, Run, dataset, fit, parse, stage_dir, start_from
 from nanovlm.stic import (
     DESCRIPTION_TOKENS,
     GENERATION_TEMPERATURE,
@@ -89,18 +92,24 @@ class Stic:
     images: str | None = None  # unlabeled images: a folder, or LLaVA JSON with an "image" a record (tiny: the shapes')
     sft_data: str | None = None  # instruction data (LLaVA JSON) that stage 2 describes and learns (tiny: the shapes')
     sft_image_folder: str | None = None  # the folder of --sft_data's images (None: the file's own folder)
-    num_sft: int = 5000  # records of --sft_data in stage 2, a seeded sample
-    lora: tuple[int, float] = (128, 256.0)  # r, alpha of the adapters on every linear layer of the LLM
-    dpo_lora_dropout: float = 0.0  # LoRA dropout during DPO
-    sft_lora_dropout: float = 0.05  # LoRA dropout during stage 2
-    beta: float = BETA  # DPO's beta: the scale of the reward margin inside the sigmoid
-    alpha: float = ALPHA  # weight of the NLL term -log pi(y_w|x)
-    temperature: float = GENERATION_TEMPERATURE  # sampling temperature of every description
-    max_new_tokens: int = DESCRIPTION_TOKENS  # longest description
-    generation_batch_size: int = 16  # images per generation batch (a preference batch writes two answers each)
-    sft_lr: dict[str, float] = field(default_factory=SFT_LR.copy)  # stage 2's lr per parameter group (--lr: DPO's)
-    sft_global_batch_size: int = 32  # stage 2's records per optimizer step (--global_batch_size is DPO's)
-    sft_micro_batch_size: int = 4  # stage 2's records per process and micro-batch
+    num_sft: int = ranged(5000, ">= 1")  # records of --sft_data in stage 2, a seeded sample
+    lora: tuple[int, float] = ranged((128, 256.0), (">= 1", "> 0"))  # r, alpha of the adapters on the LLM's linears
+    dpo_lora_dropout: float = ranged(0.0, "[0, 1)")  # LoRA dropout during DPO
+    sft_lora_dropout: float = ranged(0.05, "[0, 1)")  # LoRA dropout during stage 2
+    beta: float = ranged(BETA, "> 0")  # DPO's beta: the scale of the reward margin inside the sigmoid
+    alpha: float = ranged(ALPHA, ">= 0")  # weight of the NLL term -log pi(y_w|x)
+    temperature: float = ranged(GENERATION_TEMPERATURE, ">= 0")  # sampling temperature of every description
+    max_new_tokens: int = ranged(DESCRIPTION_TOKENS, ">= 1")  # longest description
+    generation_batch_size: int = ranged(16, ">= 1")  # images per generation batch (a preference batch: 2 answers each)
+    sft_lr: dict[str, float] = ranged(SFT_LR.copy, "> 0")  # stage 2's lr per parameter group (--lr: DPO's)
+    sft_global_batch_size: int = ranged(32, ">= 1")  # stage 2's records per optimizer step (--global_batch_size: DPO's)
+    sft_micro_batch_size: int = ranged(4, ">= 1")  # stage 2's records per process and micro-batch
+
+    # What a resumed run may change: which step runs, and what only shapes the data it generates (the resumed
+    # training step compares its data file's contents).
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = (
+        "step", "prompts", "images", "sft_data", "sft_image_folder", "num_sft", "temperature", "max_new_tokens",
+        "generation_batch_size")
 
 
 # The TrainConfig is the DPO stage's (released dpo_finetune.sh); stage 2 takes its own lr and batch from Stic.
@@ -132,6 +141,17 @@ def set_lora_dropout(model: nn.Module, p: float) -> None:
         layer.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
 
 
+def check_up_front(run: Run, root: Path, names: list[str]) -> None:
+    """Decode every image a generation step will read before it starts (cached); a bad one stops the run here
+    rather than mid-way, unless --skip_bad_records, with which generation lists it as skipped."""
+    with run.env.main_first():
+        bad = check_images(root, names)
+    if bad and not run.cfg.skip_bad_records:
+        name = next(iter(bad))
+        raise SystemExit(f"error: image {root / name}: {bad[name]} ({len(bad)} unreadable images of {len(names)}; "
+                         f"--skip_bad_records skips them)")
+
+
 def main(argv: list[str] | None = None) -> None:
     run = parse(__doc__.splitlines()[0], RECIPES, argv, METHODS, stage="stic")
     stic: Stic = run.method
@@ -161,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             scores, _ = shapes_eval.evaluate(model, tokenizer, processor, SHAPES_DIR)
             print(f"\nbefore STIC (shapes world, exact match %):\n{shapes_eval.format_table(scores)}")
         root, names = unlabeled_images(images)
+        check_up_front(run, root, names)
         model.eval()
         generate_jsonl(out / "preferences.jsonl", names, "image",
                        partial(make_preferences, model, tokenizer, processor, template, root, **generation),
@@ -171,9 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     elif "dpo" in steps:
         torch.manual_seed(run.cfg.seed)  # the adapters' initialisation
         add_lora(model.language_model, LLM_TARGETS, *stic.lora, stic.dpo_lora_dropout)
-        pairs = PreferenceDataset(out / "preferences.jsonl", unlabeled_images(images)[0], tokenizer, template,
-                                  processor, model.cfg.num_image_tokens(), run.cfg.max_length,
-                                  run.cfg.skip_bad_records)
+        with env.main_first():  # rank 0 checks the images; the others find its results in the cache
+            pairs = PreferenceDataset(out / "preferences.jsonl", unlabeled_images(images)[0], tokenizer, template,
+                                      processor, model.cfg.num_image_tokens(), run.cfg.max_length,
+                                      run.cfg.skip_bad_records, run.cfg.allow_absolute_image_paths)
         dpo = replace(run, cfg=replace(run.cfg, out_dir=str(out / "dpo")), data=[DataSource(pairs.path)])
         fit(dpo, model, tokenizer, processor, pairs, DPOObjective(model, stic.beta, stic.alpha))
         if env.main:
@@ -194,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         records, skipped = sft_slice(sft_data, image_folder, stic.num_sft, run.cfg.seed, run.cfg.skip_bad_records)
         if skipped and env.main:
             print(f"skipped {skipped} bad records of {sft_data}")
+        check_up_front(run, image_folder, [record["image"] for record in records.values()])
         model.eval()
         descriptions = generate_jsonl(
             out / "descriptions.jsonl", list(records), "index",

@@ -15,6 +15,8 @@ WORLD/caption_ranking.jsonl and records which split (in-distribution or hold-out
 A caption and its corruptions are normalised as ICCC normalises them (lowercase, ":" as a space, at most 50
 words), then start with a capital letter as captions are written: candidates differ only by the corruption. A
 caption that allows no corruption at all is left out and counted. Seeded per record (--seed).
+Image paths are relative to --out's folder; images outside it are named through a link there to their
+folder, so that they stay inside the benchmark's folder as its image paths must.
 """
 
 import argparse
@@ -27,6 +29,7 @@ from pathlib import Path
 from nanovlm.benchmarks import load
 from nanovlm.caption_ranking import evaluate, format_table
 from nanovlm.checkpoint import atomic_write, write_json
+from nanovlm.data import image_root
 from nanovlm.iccc import ConceptBank, negatives, normalize
 from nanovlm.image import ImageProcessor
 from nanovlm.tokenizer import Tokenizer
@@ -126,8 +129,9 @@ def main(argv: list[str] | None = None) -> Path | str:
     source = caption_records(args.captions)
     bank = ConceptBank.build(r["conversations"][1]["value"] for r in caption_records(args.bank or args.captions))
     folder = args.image_folder or args.captions.parent
-    items = [(str(r.get("id", i)), os.path.relpath(folder / r["image"], args.out.parent),
-              r["conversations"][1]["value"]) for i, r in enumerate(source[:args.limit or None])]
+    root = image_root(folder, args.out.parent)
+    items = [(str(r.get("id", i)), os.path.normpath(os.path.join(root, r["image"])), r["conversations"][1]["value"])
+             for i, r in enumerate(source[:args.limit or None])]
     records, left_out = build(items, bank, args.seed)
     write_jsonl(args.out, records)
     print(f"{args.out}: {len(records)} images ({left_out} captions left out: no concept to corrupt); concept bank "

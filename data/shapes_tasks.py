@@ -2,7 +2,8 @@
 
 SPHINX trains one model on many tasks at once and gives each task its own instruction, so that tasks whose answers
 differ in form (a word, a sentence, a box) do not compete for the same prompt. From a shapes world (data/shapes.py;
-every object's box is known) this writes, into OUT:
+every object's box is known) this writes, into OUT (image paths run through OUT/WORLD, a link to the world's
+folder, so that they stay inside OUT as a data file's image paths must):
 
   instruct.json    one conversation per training image, as many as the world's instruct.json (so an epoch is the
                    same number of steps): the world's turns, each with its task's instruction (short-answer
@@ -35,7 +36,6 @@ point into the world's folder.
 
 import argparse
 import json
-import os
 import random
 import sys
 from collections import Counter
@@ -46,6 +46,7 @@ from data.shapes import Obj, caption  # noqa: E402
 from data.shapes_eval import seed_scores, seeds_table  # noqa: E402
 from nanovlm.benchmarks import SHORT_ANSWER  # noqa: E402
 from nanovlm.checkpoint import atomic_write, write_json  # noqa: E402
+from nanovlm.data import image_root  # noqa: E402
 from nanovlm.grounding import CAPTION_PROMPT, GROUNDED_CAPTION_PROMPT, REC_PROMPT, format_box  # noqa: E402
 
 GROUNDED_CAPTION_SHARE = 0.3
@@ -134,7 +135,7 @@ def build(world_dir: Path, out: Path, grounding: bool = True, seed: int = 0) -> 
     image_size = world["config"]["image_size"]
     objects = {path: [Obj(**o) for o in objs] for path, objs in json.loads((world_dir / "objects.json").read_text())
                .items()}
-    relative = os.path.relpath(world_dir, out)  # image paths are relative to OUT
+    relative = image_root(world_dir, out)  # image paths are relative to OUT
 
     def moved(record: dict) -> dict:
         return record | {"image": f"{relative}/{record['image']}"}

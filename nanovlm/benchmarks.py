@@ -18,6 +18,10 @@ Tasks and their JSONL lines (one question per line; image paths relative to the 
   y2] normalised on the padded square image, and optional fields to group by: "size", "objects", "split",
   "dataset"}; Acc@IoU>=0.5 of the box parsed from the answer (nanovlm/grounding.py).
 
+Every record is checked before anything runs, each problem named by file and line: missing fields, an image
+that is not a path inside the file's folder (`allow_absolute_image_paths` allows others) or that does not
+decode (nanovlm/image_check.py, cached), an empty question, an empty file. `mc` records may have no image.
+
 The prompts are LLaVA-1.5's evaluation prompts, so a llava-hf checkpoint scores as in its paper's setting.
 """
 
@@ -29,8 +33,10 @@ from pathlib import Path
 
 from . import grounding
 from .caption_metrics import caption_scores
+from .data import BadRecord, check_image_path
 from .generate import Sampling, answer
 from .image import ImageProcessor
+from .image_check import check_images
 from .templates import get_template
 from .tokenizer import Tokenizer
 from .vlm import VLM
@@ -95,12 +101,19 @@ def read_records(path: Path) -> tuple[list[dict], list[str]]:
     return records, places
 
 
-def check(task: str, record, place: str, folder: Path) -> None:
+def check(task: str, record, place: str, folder: Path, absolute_allowed: bool = False) -> None:
     if not isinstance(record, dict):
         raise BadBenchmarkRecord(f"{place}: expected a JSON object, got {type(record).__name__}")
     missing = [name for name in REQUIRED[task] if name not in record]
     if missing:
         raise BadBenchmarkRecord(f"{place}: missing field(s) {', '.join(missing)} for task {task}")
+    if "image" in REQUIRED[task] or record.get("image") is not None:  # mc: no image, or a path
+        try:
+            check_image_path(record["image"], absolute_allowed)
+        except BadRecord as error:
+            raise BadBenchmarkRecord(f"{place}: {error}") from None
+    if "question" in REQUIRED[task] and not (isinstance(record["question"], str) and record["question"].strip()):
+        raise BadBenchmarkRecord(f"{place}: question must be a non-empty string, got {record['question']!r}")
     lists = {"vqa": "answers", "mc": "options", "caption": "references"}
     if task in lists:
         values = record[lists[task]]
@@ -122,8 +135,8 @@ def check(task: str, record, place: str, folder: Path) -> None:
         raise BadBenchmarkRecord(f"{place}: image not found: {folder / record['image']}")
 
 
-def load(task: str, path: str | Path, limit: int = 0) -> Benchmark:
-    """Read and check every record (the first `limit` if > 0) before anything runs."""
+def load(task: str, path: str | Path, limit: int = 0, allow_absolute_image_paths: bool = False) -> Benchmark:
+    """Read and check every record (the first `limit` if > 0) and decode every image before anything runs."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     path = Path(path)
@@ -132,8 +145,15 @@ def load(task: str, path: str | Path, limit: int = 0) -> Benchmark:
     records, places = read_records(path)
     if limit:
         records, places = records[:limit], places[:limit]
+    if not records:
+        raise BadBenchmarkRecord(f"{path}: no records")
     for record, place in zip(records, places):
-        check(task, record, place, path.parent)
+        check(task, record, place, path.parent, allow_absolute_image_paths)
+    bad = check_images(path.parent, [r["image"] for r in records if r.get("image")])
+    for record, place in zip(records, places):
+        if record.get("image") in bad:
+            raise BadBenchmarkRecord(f"{place}: image {path.parent / record['image']}: {bad[record['image']]} "
+                                     f"({len(bad)} unreadable images in {path})")
     benchmark = Benchmark(task, path, records, places)
     first_place = {}
     for i, place in enumerate(places):  # predictions are stored and joined by key, so keys must be unique

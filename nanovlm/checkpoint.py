@@ -23,13 +23,19 @@ IGNORED_KEYS = ("text_model.", "visual_projection.", "text_projection.", "logit_
 
 
 def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local directory as is; anything else is a Hub repo id, fetched into (or found in) the huggingface_hub
-    cache, which honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE."""
+    """A local directory as is; a Hub repo id ("name" or "owner/name") is fetched into (or found in) the
+    huggingface_hub cache, which honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE. Anything else that does not
+    exist is a missing local folder: a path with more than one "/", one that starts with ".", "/" or "~", or
+    "a/b" where ./a is a local folder (out/sft) is never looked up on the Hub."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    if path.exists() or str(name_or_path).startswith((".", "/")):
-        raise FileNotFoundError(f"{name_or_path} is not a checkpoint directory")
+    if path.exists():
+        raise FileNotFoundError(f"{name_or_path} is a file, not a checkpoint folder")
+    text = str(name_or_path)
+    if (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+            or (text.count("/") == 1 and Path(text.split("/")[0]).is_dir())):
+        raise FileNotFoundError(f"no folder {name_or_path} (a local path, so not looked up on the Hugging Face Hub)")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer*"]

@@ -4,6 +4,11 @@ Values are parsed by the field's default: numbers and strings as such, booleans 
 `--flag` means true), tuples as `a,b`, dicts as `key=value,key=value` (numbers as values). Dashes and
 underscores in option names are the same (`--no-selfq` is `--no_selfq`). An option's help is the comment at the
 end of its field's line, so the dataclass's source is the one place a setting is described.
+
+A numeric field says which values it allows beside its default, `ranged(0.3, "[0, 1]")`: "> 0", ">= 1" or an
+interval "[0, 1)"; a tuple has one range per element and a dict's range holds for every value. NaN and infinity
+are never allowed. `read_options` checks every field, so a bad number stops a run before anything is built, in
+one line that names the option and its range.
 """
 
 import argparse
@@ -11,10 +16,68 @@ import ast
 import dataclasses
 import inspect
 import io
+import math
 import textwrap
 import tokenize
 from collections.abc import Callable
 from typing import Any
+
+
+def ranged(default: Any, allowed: str | tuple[str, ...]) -> Any:
+    """A dataclass field with its allowed values (module docstring); a callable default is a default_factory."""
+    if callable(default):
+        return dataclasses.field(default_factory=default, metadata={"range": allowed})
+    return dataclasses.field(default=default, metadata={"range": allowed})
+
+
+def within(value: Any, allowed: str) -> bool:
+    """Whether a finite number lies in `allowed`: "> x", ">= x" or an interval such as "[0, 1)"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    if allowed[0] in "[(":
+        low, high = (float(bound) for bound in allowed[1:-1].split(","))
+        above = value >= low if allowed[0] == "[" else value > low
+        return above and (value <= high if allowed[-1] == "]" else value < high)
+    relation, bound = allowed.split()
+    return value >= float(bound) if relation == ">=" else value > float(bound)
+
+
+def range_error(name: str, value: Any, allowed: str) -> str | None:
+    """None if `value` (a number, a tuple or a dict of them) is allowed; else the one-line error."""
+    if isinstance(value, dict):
+        bad = [f"{key}={item}" for key, item in value.items() if not within(item, allowed)]
+        return f"--{name}: every value must be a finite number {allowed}, got {', '.join(bad)}" if bad else None
+    if isinstance(value, tuple):
+        bad = [f"element {i + 1} ({item}) must be {describe(rule)}"
+               for i, (item, rule) in enumerate(zip(value, allowed)) if not within(item, rule)]
+        return f"--{name} {show_value(value)}: {'; '.join(bad)}" if bad else None
+    return None if within(value, allowed) else f"--{name} must be {describe(allowed)}, got {value}"
+
+
+def describe(allowed: str) -> str:
+    return f"a finite number in {allowed}" if allowed[0] in "[(" else f"a finite number {allowed}"
+
+
+def check_ranges(cfg: Any) -> None:
+    """Raise ValueError naming the first field of dataclass instance `cfg` whose value is outside its range."""
+    for f in dataclasses.fields(cfg):
+        if "range" in f.metadata and (error := range_error(f.name, getattr(cfg, f.name), f.metadata["range"])):
+            raise ValueError(error)
+
+
+def number(kind: type, allowed: str) -> Callable[[str], Any]:
+    """An argparse `type` for a plain option: the text as `kind`, refused outside `allowed`."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {describe(allowed)}, got {text!r}") from None
+        if not within(value, allowed):
+            raise argparse.ArgumentTypeError(f"must be {describe(allowed)}, got {text}")
+        return value
+
+    return parse
 
 
 def parse_value(text: str, like: Any) -> Any:
@@ -89,8 +152,11 @@ def add_options(parser: argparse.ArgumentParser, cfg: Any, title: str) -> None:
 
 
 def read_options(args: argparse.Namespace, cfg: Any) -> Any:
-    """A copy of the dataclass instance `cfg` with the values the command line gave its fields."""
-    return dataclasses.replace(cfg, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cfg)})
+    """A copy of the dataclass instance `cfg` with the values the command line gave its fields; ValueError names
+    the first one outside its range."""
+    cfg = dataclasses.replace(cfg, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cfg)})
+    check_ranges(cfg)
+    return cfg
 
 
 def underscored(argv: list[str]) -> list[str]:

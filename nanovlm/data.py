@@ -2,12 +2,18 @@
 
 A data file is LLaVA JSON: a list of {"id", "image" (a path relative to the image folder, optional),
 "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}. Every record is checked when the dataset is
-built, so a bad one stops the run before training starts, with its file and index; with `skip_bad=True` it is
-dropped instead and counted. An image that exists but cannot be decoded is caught when it is loaded.
+built, and every image it names is decoded then (nanovlm/image_check.py, cached), so a bad one stops the run
+before training starts, with its file and index; with `skip_bad=True` it is dropped instead and counted. An
+image path must stay inside the image folder (no absolute path, no ../) unless `allow_absolute_image_paths`.
+A record whose answers `max_length` cuts away entirely is dropped as it loads and counted with the skipped ones
+(the training loop logs them), so no record trains on nothing.
 With `sq_ratio` > 0 the conversations get SQ-LLaVA's visual-user turns as they load (nanovlm/selfq.py).
 """
 
+import hashlib
 import json
+import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .image import ImageProcessor, load_image
+from .image_check import check_images
 from .selfq import to_self_questioning, turn_rng
 from .templates import IGNORE_INDEX, Template, tokenize_conversation, validate_conversation
 from .tokenizer import IMAGE_PLACEHOLDER, Tokenizer
@@ -33,12 +40,53 @@ class DataSource:
 
     @classmethod
     def parse(cls, spec: str) -> "DataSource":
-        """'file.json' or 'file.json:weight'."""
-        path, _, weight = spec.partition(":")
-        return cls(Path(path), float(weight) if weight else 1.0)
+        """'file.json' or 'file.json:weight' (a finite weight > 0); ValueError says what is wrong."""
+        path, colon, weight = spec.rpartition(":")
+        if not colon:
+            return cls(Path(spec))
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--data {spec}: the weight after ':' must be a finite number > 0, got {weight!r}")
+        return cls(Path(path), value)
+
+    def fingerprint(self) -> dict:
+        """What a resumed run compares: the file's name and SHA-256, its weight and the image folder."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return {"file": self.path.name, "sha256": digest.hexdigest(), "weight": self.weight,
+                "image_folder": str((self.image_folder or self.path.parent).resolve())}
 
 
-def check_record(record, image_folder: Path) -> None:
+def check_image_path(image, absolute_allowed: bool = False) -> None:
+    """Raise BadRecord unless `image` is a path (a non-empty string) inside the image folder."""
+    if not isinstance(image, str) or not image.strip():
+        raise BadRecord(f"image must be a path (a non-empty string), got {image!r}")
+    if not absolute_allowed and (os.path.isabs(image) or os.path.normpath(image).split(os.sep)[0] == ".."):
+        raise BadRecord(f"image {image} is outside the image folder (--allow_absolute_image_paths allows it)")
+
+
+def image_root(folder: Path, data_dir: Path) -> str:
+    """How a data file in `data_dir` names the files under `folder`, inside its own folder: `folder`'s path
+    relative to `data_dir` where it lies below it, else a symlink in `data_dir` named after `folder` (made here),
+    so that a builder's records pass check_image_path without --allow_absolute_image_paths."""
+    relative = os.path.relpath(folder, data_dir)
+    if not relative.startswith(".."):
+        return relative
+    link = data_dir / folder.name
+    if not link.is_symlink():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(relative, target_is_directory=True)
+    if link.resolve() != folder.resolve():
+        raise FileExistsError(f"{link} exists and is not a link to {folder}")
+    return folder.name
+
+
+def check_record(record, image_folder: Path, absolute_allowed: bool = False) -> None:
     """Raise BadRecord saying what is wrong with one LLaVA record."""
     if not isinstance(record, dict) or "conversations" not in record:
         raise BadRecord("not an object with 'conversations'")
@@ -52,6 +100,7 @@ def check_record(record, image_folder: Path) -> None:
             raise BadRecord(f"turn {i} has an empty answer")
     placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conversation)
     if "image" in record:
+        check_image_path(record["image"], absolute_allowed)
         if placeholders != 1 or IMAGE_PLACEHOLDER not in conversation[0]["value"]:
             raise BadRecord(f"an image record needs exactly one {IMAGE_PLACEHOLDER} in its first turn, "
                             f"found {placeholders} in the conversation")
@@ -64,9 +113,10 @@ def check_record(record, image_folder: Path) -> None:
 class LLaVADataset(torch.utils.data.Dataset):
     def __init__(self, sources: list[DataSource], tokenizer: Tokenizer, template: Template,
                  processor: ImageProcessor, num_image_tokens: int, max_length: int, seed: int = 0,
-                 skip_bad: bool = False, sq_ratio: float = 0.0):
+                 skip_bad: bool = False, sq_ratio: float = 0.0, allow_absolute_image_paths: bool = False):
         self.tokenizer, self.template, self.processor = tokenizer, template, processor
         self.num_image_tokens, self.max_length, self.skip_bad = num_image_tokens, max_length, skip_bad
+        self.absolute_allowed = allow_absolute_image_paths
         self.seed, self.sq_ratio, self.epoch = seed, sq_ratio, 0
         self.records: list[tuple[dict, Path, str]] = []  # record, image folder, where it came from
         self.skipped: dict[str, int] = {}
@@ -87,17 +137,27 @@ class LLaVADataset(torch.utils.data.Dataset):
             try:
                 self.check(record, folder)
             except BadRecord as e:
-                if not self.skip_bad:
-                    raise BadRecord(f"{where}: {e}") from None
-                self.skipped[str(source.path)] = self.skipped.get(str(source.path), 0) + 1
+                self.refuse(f"{where}: {e}", source)
                 continue
             kept.append((record, folder, where))
+        bad = check_images(folder, [record["image"] for record, _, _ in kept if "image" in record])
+        unreadable = [(where, record["image"]) for record, _, where in kept if record.get("image") in bad]
+        for where, image in unreadable:
+            self.refuse(f"{where}: image {folder / image}: {bad[image]} ({len(unreadable)} unreadable images in "
+                        f"{source.path}; --skip_bad_records drops them)", source)
+        kept = [item for item in kept if item[0].get("image") not in bad]
         whole, fraction = divmod(source.weight, 1)
         return kept * int(whole) + rng.sample(kept, round(fraction * len(kept)))
 
+    def refuse(self, error: str, source: DataSource) -> None:
+        """Stop at a bad record, or with skip_bad count it (its caller drops it)."""
+        if not self.skip_bad:
+            raise BadRecord(error)
+        self.skipped[str(source.path)] = self.skipped.get(str(source.path), 0) + 1
+
     def check(self, record, image_folder: Path) -> None:
         """Raise BadRecord saying what is wrong with a record; a recipe's dataset may demand more."""
-        check_record(record, image_folder)
+        check_record(record, image_folder, self.absolute_allowed)
 
     def conversation(self, index: int) -> list[dict]:
         """The turns a record is trained on this epoch (a recipe's dataset may rewrite them as they load)."""
@@ -130,7 +190,13 @@ class LLaVADataset(torch.utils.data.Dataset):
                                                 self.num_image_tokens)
         except ValueError as e:  # a turn the template cannot render, e.g. a VUSER turn without v1_sq
             raise BadRecord(f"{where}: {e}") from None
-        return truncate(ids, labels, pixels, self.max_length, self.tokenizer.image_token_id, self.num_image_tokens)
+        sample = truncate(ids, labels, pixels, self.max_length, self.tokenizer.image_token_id, self.num_image_tokens)
+        return sample if has_targets(sample) else None  # its answers were cut away: dropped, counted by collate
+
+
+def has_targets(sample: dict) -> bool:
+    """Whether a sample has a token to learn (the first position predicts nothing)."""
+    return any(label != IGNORE_INDEX for label in sample["labels"][1:])
 
 
 def truncate(ids: list[int], labels: list[int], pixels: torch.Tensor | None, max_length: int,
@@ -149,8 +215,11 @@ def truncate(ids: list[int], labels: list[int], pixels: torch.Tensor | None, max
 
 
 def collate(samples: list[dict | None], pad_id: int) -> dict:
-    """Right-pad a micro-batch; the loss never sees padding (labels -100) and causal attention needs no mask."""
-    kept = [s for s in samples if s is not None]
+    """Right-pad a micro-batch; the loss never sees padding (labels -100) and causal attention needs no mask.
+    Dropped samples (None) are counted as "skipped"; a micro-batch of dropped samples only is one row of padding
+    without targets, so that every process still takes part in the step."""
+    kept = [s for s in samples if s is not None] or [{"input_ids": [pad_id], "labels": [IGNORE_INDEX],
+                                                      "pixel_values": None}]
     width = max(len(s["input_ids"]) for s in kept)
     ids = torch.full((len(kept), width), pad_id, dtype=torch.long)
     labels = torch.full((len(kept), width), IGNORE_INDEX, dtype=torch.long)
@@ -159,7 +228,7 @@ def collate(samples: list[dict | None], pad_id: int) -> dict:
         labels[i, :len(s["labels"])] = torch.tensor(s["labels"])
     images = [s["pixel_values"] for s in kept if s["pixel_values"] is not None]
     return {"input_ids": ids, "labels": labels, "pixel_values": torch.cat(images) if images else None,
-            "skipped": len(samples) - len(kept)}
+            "skipped": sum(s is None for s in samples)}
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ model's own most likely tokens instead of y_l; here both terms are the log-proba
 own tokens, which tests/test_stic.py checks against a position-by-position computation.)
 
 Preference data is JSONL, one pair a line: {"image": path relative to the image folder, "prompt": the question
-x, "chosen": y_w, "rejected": y_l, ...}; the image goes in front of the prompt as `<image>\\n`. Every line is
-checked when the dataset is built; a bad one stops the run with its file and line, or with `skip_bad` is
-dropped and counted.
+x, "chosen": y_w, "rejected": y_l, ...}; the image goes in front of the prompt as `<image>\\n`. Every line, and
+every image (decoded up front, nanovlm/image_check.py), is checked when the dataset is built; a bad one stops the
+run with its file and line, or with `skip_bad` is dropped and counted. A pair whose chosen or rejected answer
+max_length cuts away entirely is dropped as it loads, and counted.
 """
 
 import json
@@ -28,8 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import BadRecord, collate, truncate
+from .data import BadRecord, check_image_path, collate, has_targets, truncate
 from .image import ImageProcessor, load_image
+from .image_check import check_images
 from .lora import adapters_disabled
 from .templates import IGNORE_INDEX, Template, tokenize_conversation
 from .tokenizer import IMAGE_PLACEHOLDER, Tokenizer
@@ -90,7 +92,7 @@ class DPOObjective(Objective):
         return self.last
 
 
-def check_pair(line: str, image_folder: Path) -> dict:
+def check_pair(line: str, image_folder: Path, absolute_allowed: bool = False) -> dict:
     """The pair on one JSONL line; BadRecord says what is wrong with it."""
     try:
         record = json.loads(line)
@@ -106,6 +108,7 @@ def check_pair(line: str, image_folder: Path) -> dict:
         raise BadRecord(f"field(s) {', '.join(wrong)} must be strings")
     if any(IMAGE_PLACEHOLDER in record[name] for name in ("chosen", "rejected")):
         raise BadRecord(f"an answer contains {IMAGE_PLACEHOLDER}")
+    check_image_path(record["image"], absolute_allowed)
     if not (image_folder / record["image"]).is_file():
         raise BadRecord(f"image {image_folder / record['image']} does not exist")
     return record
@@ -116,7 +119,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
     chat template; `collate` stacks a micro-batch's chosen rows, then its rejected rows."""
 
     def __init__(self, path: Path, image_folder: Path, tokenizer: Tokenizer, template: Template,
-                 processor: ImageProcessor, num_image_tokens: int, max_length: int, skip_bad: bool = False):
+                 processor: ImageProcessor, num_image_tokens: int, max_length: int, skip_bad: bool = False,
+                 allow_absolute_image_paths: bool = False):
         self.path, self.image_folder = Path(path), Path(image_folder)
         self.tokenizer, self.template = tokenizer, template
         self.processor, self.num_image_tokens, self.max_length = processor, num_image_tokens, max_length
@@ -128,13 +132,22 @@ class PreferenceDataset(torch.utils.data.Dataset):
             if not line.strip():
                 continue
             try:
-                self.pairs.append((check_pair(line, self.image_folder), f"{self.path}:{number}"))
+                self.pairs.append((check_pair(line, self.image_folder, allow_absolute_image_paths),
+                                   f"{self.path}:{number}"))
             except BadRecord as e:
-                if not skip_bad:
-                    raise BadRecord(f"{self.path}:{number}: {e}") from None
-                self.skipped[str(self.path)] = self.skipped.get(str(self.path), 0) + 1
+                self.refuse(f"{self.path}:{number}: {e}")
+        bad = check_images(self.image_folder, [record["image"] for record, _ in self.pairs])
+        for record, where in self.pairs:
+            if record["image"] in bad:
+                self.refuse(f"{where}: image {self.image_folder / record['image']}: {bad[record['image']]}")
+        self.pairs = [(record, where) for record, where in self.pairs if record["image"] not in bad]
         if not self.pairs:
             raise ValueError(f"{self.path}: no preference pairs")
+
+    def refuse(self, error: str) -> None:
+        if not self.skip_bad:
+            raise BadRecord(error)
+        self.skipped[str(self.path)] = self.skipped.get(str(self.path), 0) + 1
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -162,9 +175,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
             ids, labels = tokenize_conversation(self.tokenizer, self.template, conversation, self.num_image_tokens)
             pair[side] = truncate(ids, labels, pixels, self.max_length, self.tokenizer.image_token_id,
                                   self.num_image_tokens)
+            if not has_targets(pair[side]):
+                return None  # its answer was cut away: dropped, counted by collate
         return pair
 
     def collate(self, samples: list[dict | None], pad_id: int) -> dict:
         pairs = [s for s in samples if s is not None]
         batch = collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
-        return batch | {"skipped": len(samples) - len(pairs)}
+        return batch | {"skipped": len(samples) - len(pairs)}  # no pair at all: one row of padding, count 0

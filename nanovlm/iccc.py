@@ -77,6 +77,7 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import combinations, pairwise
 
+from .config import ranged
 from .data import BadRecord, LLaVADataset
 from .tokenizer import IMAGE_PLACEHOLDER
 
@@ -90,9 +91,9 @@ SWAP_PHRASES = ('"{}" and "{}" are swapped.', '"{}" and "{}" need to be switched
 @dataclass
 class ICCC:
     """ICCC's settings (the official YAMLs; RATES names them per backbone)."""
-    aug_ratio: float = 0.3  # the share of samples that become correction samples
-    swap_ratio: float = 0.15  # of those, the share that try a swap first
-    max_words: int = 50  # captions are cut to this many words
+    aug_ratio: float = ranged(0.3, "[0, 1]")  # the share of samples that become correction samples
+    swap_ratio: float = ranged(0.15, "[0, 1]")  # of those, the share that try a swap first
+    max_words: int = ranged(50, ">= 1")  # captions are cut to this many words
 
 
 RATES = {  # (aug_ratio, swap_ratio) of the official training configs

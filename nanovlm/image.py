@@ -1,5 +1,11 @@
 """Image loading and CLIP preprocessing with numpy and PIL.
 
+`load_image` refuses an image whose header says it is larger than MAX_SIDE on its longest side or more than
+MAX_ASPECT times longer than wide, before decoding a pixel: a decompression bomb, or a 30000x20 strip that
+padding to a square would turn into gigabytes. High-bit-depth images (PIL modes I;16, I, F) are scaled to 8
+bits, not clipped: 16-bit values (I;16 and I, as 16-bit PNG and TIFF store them) are divided by 257, floats in
+[0, 1] multiplied by 255 (floats beyond 1 are taken on PIL's own 0-255 scale).
+
 `ImageProcessor` reproduces transformers' slow (PIL) `CLIPImageProcessor` bit for bit: resize the short side
 with PIL bicubic, center-crop, rescale to [0, 1], normalise. LLaVA-1.5 first pads each image to a square
 filled with the mean colour (`image_aspect_ratio="pad"`), so nothing is cropped away.
@@ -24,8 +30,33 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+MAX_SIDE = 8192  # pixels on the longest side; its padded square (64 Mpx, 200 MB in RGB) stays under PIL's bomb limit
+MAX_ASPECT = 50  # longest side over shortest; a resize of the short side to 672 px then makes at most 22 Mpx
+
+
+def size_error(width: int, height: int) -> str | None:
+    """Why an image of this size is refused, or None."""
+    if max(width, height) > MAX_SIDE:
+        return f"{width}x{height} pixels: larger than {MAX_SIDE} on a side (a decompression bomb, or too large to pad)"
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        return f"{width}x{height} pixels: more than {MAX_ASPECT} times longer than wide"
+    return None
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16- or 32-bit grey image (modes I;16*, I, F) as mode L, scaled as the module docstring says."""
+    pixels = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        pixels = pixels * 255 if pixels.size and np.nanmax(pixels) <= 1 else pixels
+    else:
+        pixels = pixels / 257
+    return Image.fromarray(np.nan_to_num(pixels).round().clip(0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Return an RGB copy; transparent pixels are composited onto white, as transformers does."""
+    if image.mode.startswith("I") or image.mode == "F":
+        image = to_8_bit(image)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
@@ -35,10 +66,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
+            if error := size_error(*image.size):
+                raise ValueError(error)
             return to_rgb(image)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"image not found: {path}") from error
-    except (OSError, ValueError) as error:  # PIL's errors for non-image, truncated or corrupt files
+    except Exception as error:  # PIL's errors for non-image, truncated or corrupt files are of many kinds
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 

@@ -6,16 +6,27 @@ this file does the rest:
 - each optimizer step sees `global_batch_size` records whatever the world size and micro-batch size (a
   micro-batch too large for a process's share shrinks: nanovlm/data.py, batch_geometry); its loss is the sum
   over the step's targets divided by their total count across ranks and micro-batches, so one process and N
-  processes follow the same loss curve, and accumulation micro-batches skip gradient sync;
+  processes follow the same loss curve, and accumulation micro-batches skip gradient sync; a step without a
+  single target is an error, not a loss of 0;
 - bf16 autocast on GPU; AdamW with one parameter group per part; linear warmup then cosine decay; gradient
-  clipping; a non-finite loss stops the run;
-- checkpoints (trainable weights, optimizer, step, every rank's RNG state, config) written atomically every
-  `save_every` steps; `resume` continues from the newest one exactly (nanovlm/train_state.py);
+  clipping;
+- a step is applied only if it keeps everything finite: a non-finite loss or gradient norm (the norm the
+  clipping computes anyway) stops the run before the optimizer moves; after the update one fused max-norm over
+  the trained weights checks them, and a non-finite one puts back the weights of before the step (from a copy
+  kept for that, the size of the trained weights) and stops the run. Either message names the step and the
+  parameter groups; nothing of that step is saved, so the newest checkpoint always loads;
+- checkpoints (trainable weights, optimizer, step, every rank's RNG state, what makes the run this run)
+  written atomically every `save_every` steps; `resume` continues from the newest one exactly, and an output
+  folder holding another run is refused unless told (nanovlm/train_state.py);
+- Ctrl-C or SIGTERM lets the step in flight finish, saves a checkpoint, says how to resume and exits
+  (128 + the signal's number); a second one stops at once;
 - a tqdm bar on rank 0 and metrics in `metrics.jsonl` next to the checkpoints, with any extra metrics the
   objective reports (`Objective.metrics`, e.g. DPO's rewards), normalised like the loss, and the recipe's own
   evaluation every `eval_every` steps where it has one (an accuracy curve).
 A dataset whose records are not single sequences (preference pairs) brings its own `collate(samples, pad_id)`.
-Sharding (FSDP) would replace `wrap` and the checkpoint state functions; nothing else.
+With `fsdp` the processes shard the model instead of each holding a copy (nanovlm/sharding.py): the same
+objectives, loss normalisation and checkpoints, written as shards; throughput (tokens/s a GPU, MFU) is logged
+either way (nanovlm/throughput.py).
 """
 
 from __future__ import annotations  # train() comes first and names classes defined below it
@@ -23,57 +34,75 @@ from __future__ import annotations  # train() comes first and names classes defi
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checkpoint import write_json
+from .checkpoint import brief, write_json
+from .config import check_ranges, ranged
 from .data import batch_geometry, collate, step_batches
-from .train_state import checkpoints, load_checkpoint, restart_log, save_checkpoint
+from .sharding import full, shard, total_norm, unshard
+from .throughput import Throughput
+from .train_state import checkpoints, recorded, restart_log, save_checkpoint, start
 
 
 @dataclass
 class TrainConfig:
     out_dir: str = "out/run"  # checkpoints, metrics.jsonl and the finished model
-    global_batch_size: int = 128  # records per optimizer step, whatever the number of processes
-    micro_batch_size: int = 16  # records per forward pass and process, at most; smaller when global / world needs it
-    epochs: float = 1.0  # passes over the data
-    max_steps: int = 0  # > 0 overrides epochs
-    lr: dict[str, float] = field(default_factory=dict)  # parameter group -> learning rate; absent groups freeze
-    weight_decay: float = 0.0  # AdamW's, on matrices only (never on norms and biases)
-    warmup_ratio: float = 0.03  # share of the steps with a linear warmup, before the cosine decay
-    warmup_steps: int = 0  # > 0: this many warmup steps instead of warmup_ratio
-    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0  # maximum norm of all trained parameters' gradient
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
-    max_length: int = 2048  # tokens per sequence; longer ones are cut, never through an image
-    skip_bad_records: bool = False  # drop (and count) bad records instead of stopping with their file and index
+    global_batch_size: int = ranged(128, ">= 1")  # records per optimizer step, whatever the number of processes
+    micro_batch_size: int = ranged(16, ">= 1")  # records per forward pass and process, at most; smaller when needed
+    epochs: float = ranged(1.0, "> 0")  # passes over the data
+    max_steps: int = ranged(0, ">= 0")  # > 0 overrides epochs
+    lr: dict[str, float] = ranged(dict, "> 0")  # parameter group -> learning rate; absent groups freeze
+    weight_decay: float = ranged(0.0, ">= 0")  # AdamW's, on matrices only (never on norms and biases)
+    warmup_ratio: float = ranged(0.03, "[0, 1]")  # share of the steps with a linear warmup, before the cosine decay
+    warmup_steps: int = ranged(0, ">= 0")  # > 0: this many warmup steps instead of warmup_ratio
+    min_lr_ratio: float = ranged(0.0, "[0, 1]")  # the cosine decays to lr * min_lr_ratio
+    grad_clip: float = ranged(1.0, "> 0")  # maximum norm of all trained parameters' gradient
+    betas: tuple[float, float] = ranged((0.9, 0.999), ("[0, 1)", "[0, 1)"))  # AdamW's
+    max_length: int = ranged(2048, ">= 1")  # tokens per sequence; longer ones are cut, never through an image
+    skip_bad_records: bool = False  # drop (and count) bad records and images instead of stopping at the first
+    allow_absolute_image_paths: bool = False  # records may name images outside the image folder (/..., ../...)
     group_by_length: bool = False  # micro-batches of similar lengths, so they pad less
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
-    save_every: int = 0  # steps between checkpoints; 0: no checkpoint, only the finished model
-    keep_checkpoints: int = 2  # the newest checkpoints kept
-    resume: bool = False  # continue from the newest checkpoint in out_dir
-    seed: int = 0  # data order and draws, and the initialisation of new weights (tiny preset, adapters)
-    num_workers: int = 0  # data loader processes
-    log_every: int = 1  # steps between lines of metrics.jsonl
-    eval_every: int = 0  # steps between evaluations logged in metrics.jsonl (where the script has one); 0: none
-    eval_questions: int = 600  # eval questions scored by each of those evaluations, spread over the eval set
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP
+    save_every: int = ranged(500, ">= 0")  # steps between checkpoints (as transformers' Trainer); 0: none
+    keep_checkpoints: int = ranged(2, ">= 1")  # the newest checkpoints kept
+    resume: bool = False  # continue the run in out_dir from its newest checkpoint (started fresh if it has none)
+    overwrite: bool = False  # start afresh in an out_dir that holds another run, deleting its checkpoints and log
+    seed: int = ranged(0, ">= 0")  # data order and draws, and the initialisation of new weights (tiny, adapters)
+    num_workers: int = ranged(0, ">= 0")  # data loader processes
+    log_every: int = ranged(1, ">= 1")  # steps between lines of metrics.jsonl
+    eval_every: int = ranged(0, ">= 0")  # steps between evaluations logged in metrics.jsonl (where there is one)
+    eval_questions: int = ranged(600, ">= 1")  # eval questions scored by each of those evaluations
+
+    # What a resumed run may change: where and how often it writes and reports, not what it computes.
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = (
+        "out_dir", "resume", "overwrite", "num_workers", "log_every", "save_every", "keep_checkpoints", "eval_every",
+        "eval_questions", "gradient_checkpointing", "allow_absolute_image_paths")
 
 
 def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[str, nn.Parameter]]],
           dataset: torch.utils.data.Dataset, pad_id: int, env: Distributed,
-          evaluate: Callable[[], dict] | None = None) -> list[dict]:
+          evaluate: Callable[[], dict] | None = None, identity: dict | None = None) -> list[dict]:
     """Run the recipe; return the logged metrics. `groups` maps a learning-rate group name (a key of cfg.lr)
     to its named parameters; parameters outside every group in cfg.lr are frozen. `evaluate`, if given, runs
-    on rank 0 every `eval_every` steps and after the last one; what it returns is logged as the step's "eval"."""
+    on rank 0 every `eval_every` steps and after the last one; what it returns is logged as the step's "eval".
+    `identity` holds what else makes this run this run (its data files, the method's settings): every
+    checkpoint records it, and a resumed run must match it."""
+    check_ranges(cfg)
     out_dir = Path(cfg.out_dir)
     unknown = set(cfg.lr) - set(groups)
     if unknown:
@@ -82,13 +111,24 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
     if len(chosen) != len(set(chosen)):
         raise ValueError(f"the learning-rate groups {sorted(cfg.lr)} share parameters: name a part as a whole "
                          f"(vision) or by its pieces (vision0, vision1), not both")
+    if cfg.fsdp and evaluate is not None and cfg.eval_every:
+        raise ValueError("--eval_every evaluates on rank 0 alone, which a sharded model cannot: train without --fsdp")
     for p in objective.parameters():
         p.requires_grad_(False)
-    trainable = {name: p for g in cfg.lr for name, p in groups[g]}
-    for p in trainable.values():
-        p.requires_grad_(True)
-        if env.device.type == "cuda":
-            p.data = p.data.float()  # fp32 master weights; frozen ones may stay in bf16
+    for g in cfg.lr:
+        for _, p in groups[g]:
+            p.requires_grad_(True)
+            if env.device.type == "cuda":
+                p.data = p.data.float()  # fp32 master weights; frozen ones may stay in bf16
+    objective.to(env.device)
+    sharded = objective if cfg.fsdp else None  # FSDP shards the objective in place
+    if cfg.fsdp:
+        groups = shard(objective, groups, env.device)
+    model = objective if cfg.fsdp else wrap(objective, env)
+    # The groups in one order whatever the order of --lr, so that a checkpoint's optimizer state fits.
+    group_of = {name: g for g in sorted(cfg.lr) for name, _ in groups[g]}
+    trainable = {name: p for g in sorted(cfg.lr) for name, p in groups[g]}
+    params = list(trainable.values())
     optimizer = make_optimizer(cfg, groups)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
@@ -100,69 +140,162 @@ def train(cfg: TrainConfig, objective: Objective, groups: dict[str, list[tuple[s
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps or max(1, round(cfg.warmup_ratio * total))
 
-    step = 0
-    if cfg.resume and checkpoints(out_dir):
-        step = load_checkpoint(checkpoints(out_dir)[-1], trainable, optimizer, env)
-    model = wrap(objective.to(env.device), env)
+    # An unsharded checkpoint resumes as it was written (one RNG state per rank); a sharded one on any number of
+    # processes (torch.distributed.checkpoint reshards it), so with another split of a step's records too.
+    config = recorded(cfg)
+    if cfg.fsdp:
+        del config["micro_batch_size"]
+    identity = {"config": config} | ({} if cfg.fsdp else {"world_size": env.world_size}) | (identity or {})
+    step = start(out_dir, cfg, trainable, optimizer, env, identity, sharded)
+    throughput = Throughput(objective.model.cfg, env)
     log_file = out_dir / "metrics.jsonl"
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "train_config.json", asdict(cfg))
         restart_log(log_file, step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=env.device.type == "cuda")
-    history, skipped, start_time = [], 0, time.time()
+    before_step = [torch.empty_like(p) for p in params]  # the weights a non-finite update is undone to
+    history, skipped, start_time, saved = [], 0, time.time(), step
     bar = tqdm(total=total, initial=step, disable=not env.main, desc=out_dir.name, dynamic_ncols=True)
     objective.train()
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        plan = step_batches(len(dataset), geometry, env.rank, epoch, cfg.seed, lengths)[offset:offset + total - step]
-        dataset.set_epoch(epoch)  # before the loader's workers take their copy of the dataset
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[mb for s in plan for mb in s],
-                                             collate_fn=partial(getattr(dataset, "collate", collate), pad_id=pad_id),
-                                             num_workers=cfg.num_workers)
-        batches = iter(loader)
-        for micro_batches in plan:
-            batch_list = [to_device(next(batches), env.device) for _ in micro_batches]
-            targets = env.sum(sum(objective.count(b) for b in batch_list))
-            skipped += sum(b["skipped"] for b in batch_list)
-            for g, base in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base * lr_factor(step, total, warmup, cfg.min_lr_ratio)
-            loss_sum, extra_sums = 0.0, {}
-            for i, batch in enumerate(batch_list):
-                sync = i == len(batch_list) - 1 or env.world_size == 1
-                with autocast, (nullcontext() if sync else model.no_sync()):
-                    loss = model(batch)
-                    # DDP averages gradients over ranks; scale so the step's gradient is sum / total targets.
-                    (loss * env.world_size / max(targets, 1)).backward()
-                loss_sum += loss.item()
-                for name, value in objective.metrics().items():
-                    extra_sums[name] = extra_sums.get(name, 0.0) + value
-            loss_value = env.sum(loss_sum) / max(targets, 1)
-            extras = {name: env.sum(value) / max(targets, 1) for name, value in extra_sums.items()}
-            if not math.isfinite(loss_value):
-                raise RuntimeError(f"non-finite loss {loss_value} at step {step}; stopping (lower the learning rate "
-                                   f"or check the data of this step)")
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            record = {"step": step, "epoch": epoch, "loss": loss_value, "grad_norm": float(grad_norm),
-                      "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}, "targets": int(targets),
-                      "skipped_records": int(env.sum(skipped)) + sum(getattr(dataset, "skipped", {}).values()),
-                      "elapsed_s": round(time.time() - start_time, 2)} | extras
-            if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total) and env.main:
-                record["eval"] = evaluate()  # the other ranks wait at the next step's first all-reduce
-                objective.train()
-            history.append(record)
-            if env.main and (step % cfg.log_every == 0 or step == total or "eval" in record):
-                with open(log_file, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", **{name: f"{value:.4f}" for name, value in extras.items()})
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save_checkpoint(out_dir, step, trainable, optimizer, cfg, env, cfg.keep_checkpoints)
+    with Interrupts() as interrupts:
+        while step < total:
+            epoch, offset = divmod(step, steps_per_epoch)
+            plan = step_batches(len(dataset), geometry, env.rank, epoch, cfg.seed, lengths)
+            plan = plan[offset:offset + total - step]
+            dataset.set_epoch(epoch)  # before the loader's workers take their copy of the dataset
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=[mb for s in plan for mb in s], num_workers=cfg.num_workers,
+                collate_fn=partial(getattr(dataset, "collate", collate), pad_id=pad_id),
+                worker_init_fn=ignore_interrupts)
+            batches = iter(loader)
+            for micro_batches in plan:
+                batch_list = [to_device(next(batches), env.device) for _ in micro_batches]
+                targets = env.sum(sum(objective.count(b) for b in batch_list))
+                skipped += sum(b["skipped"] for b in batch_list)
+                if targets == 0:
+                    raise RuntimeError(f"step {step + 1} has no target tokens: every record of it was dropped (an "
+                                       f"unreadable image, or answers that --max_length {cfg.max_length} cuts away)")
+                for g, base in zip(optimizer.param_groups, base_lrs):
+                    g["lr"] = base * lr_factor(step, total, warmup, cfg.min_lr_ratio)
+                loss_sum, extra_sums = 0.0, {}
+                for i, batch in enumerate(batch_list):
+                    sync = i == len(batch_list) - 1 or env.world_size == 1
+                    if cfg.fsdp:
+                        model.set_requires_gradient_sync(sync)
+                    with autocast, (nullcontext() if sync or cfg.fsdp else model.no_sync()):
+                        loss = model(batch)
+                        # DDP and FSDP average gradients over ranks; scale so the step's gradient is sum / total
+                        # targets.
+                        (loss * env.world_size / targets).backward()
+                    loss_sum += loss.item()
+                    for name, value in objective.metrics().items():
+                        extra_sums[name] = extra_sums.get(name, 0.0) + value
+                loss_value = env.sum(loss_sum) / targets
+                extras = {name: env.sum(value) / targets for name, value in extra_sums.items()}
+                if not math.isfinite(loss_value):
+                    raise RuntimeError(f"non-finite loss {loss_value} at step {step + 1}{refused(out_dir)}; lower the "
+                                       f"learning rate or check the data of this step")
+                grad_norm = apply_step(optimizer, trainable, group_of, before_step, cfg.grad_clip, step + 1, out_dir)
+                step += 1
+                record = {"step": step, "epoch": epoch, "loss": loss_value, "grad_norm": float(grad_norm),
+                          "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}, "targets": int(targets),
+                          "skipped_records": int(env.sum(skipped)) + sum(getattr(dataset, "skipped", {}).values()),
+                          "elapsed_s": round(time.time() - start_time, 2)} | throughput.step(batch_list) | extras
+                if evaluate and cfg.eval_every and (step % cfg.eval_every == 0 or step == total) and env.main:
+                    record["eval"] = evaluate()  # the other ranks wait at the next step's first all-reduce
+                    objective.train()
+                history.append(record)
+                if env.main and (step % cfg.log_every == 0 or step == total or "eval" in record):
+                    with open(log_file, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", **{name: f"{value:.4f}" for name, value in extras.items()},
+                                **throughput.shown(record))
+                if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                    save_checkpoint(out_dir, step, trainable, optimizer, cfg, env, identity, sharded)
+                    saved = step
+                if env.sum(float(interrupts.received is not None)) > 0:  # every rank stops at the same step
+                    bar.close()
+                    if saved < step:
+                        save_checkpoint(out_dir, step, trainable, optimizer, cfg, env, identity, sharded)
+                    received = interrupts.received or signal.SIGTERM
+                    if env.main:
+                        print(f"{signal.Signals(received).name} after step {step} of {total}: saved "
+                              f"{out_dir / f'checkpoint-{step}'}; to go on, run the same command with --resume",
+                              file=sys.stderr)
+                    raise SystemExit(128 + received)
     bar.close()
+    if cfg.fsdp:
+        del optimizer  # its state is freed before the full weights are gathered
+        unshard(objective.model)
     return history
+
+
+def apply_step(optimizer: torch.optim.Optimizer, trainable: dict[str, nn.Parameter], group_of: dict[str, str],
+               before_step: list[torch.Tensor], grad_clip: float, step: int, out_dir: Path) -> torch.Tensor:
+    """Clip the gradient and take the optimizer step, if the gradient and then the updated weights are finite
+    (module docstring); return the gradient's norm before clipping."""
+    params = list(trainable.values())
+    grad_norm = total_norm([p.grad for p in params if p.grad is not None])
+    if not torch.isfinite(grad_norm):
+        grads = {name: p.grad for name, p in trainable.items() if p.grad is not None}
+        raise RuntimeError(f"non-finite gradient at step {step} in {non_finite(grads, group_of)}{refused(out_dir)}; "
+                           f"lower the learning rate or check the data of this step")
+    torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
+    with torch.no_grad():
+        for copy, p in zip(before_step, params):
+            copy.copy_(p)
+        optimizer.step()
+        if not torch.isfinite(total_norm(params)):  # the 2-norm: a shard may be empty, which max() refuses
+            where = non_finite(trainable, group_of)
+            for copy, p in zip(before_step, params):
+                p.copy_(copy)
+            raise RuntimeError(f"non-finite weights after step {step} in {where}: they are put back as they were "
+                               f"before it{refused(out_dir)}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def refused(out_dir: Path) -> str:
+    found = checkpoints(out_dir)
+    newest = f"the newest checkpoint is {found[-1]}" if found else "there is no checkpoint yet"
+    return f"; the step is not applied and nothing of it is saved ({newest})"
+
+
+def non_finite(tensors: dict[str, torch.Tensor], group_of: dict[str, str]) -> str:
+    """Which parameter groups, and which of their tensors, hold a NaN or an infinity."""
+    bad = [name for name, t in tensors.items() if not torch.isfinite(full(t)).all()]
+    return f"group {', '.join(sorted({group_of[name] for name in bad}))} ({brief(bad, 3)})"
+
+
+class Interrupts:
+    """While training, SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) are noted, not acted on at once: the loop
+    finishes its step, saves and stops. The handler only records the signal (printing from a handler can
+    interrupt a print in progress); it also puts the previous handler back, so a second signal acts at once.
+    Outside the main thread (no signals there) it does nothing."""
+
+    def __enter__(self) -> Interrupts:
+        self.received: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.note) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def note(self, signum: int, frame) -> None:
+        self.received = signum
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """A data loader worker leaves Ctrl-C and SIGTERM (sent to the whole process group) to the loop, which saves
+    before it stops; the worker ends with its parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Objective(nn.Module):
@@ -215,6 +348,15 @@ class Distributed:
         if self.world_size > 1:
             dist.barrier()
 
+    @contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (filling a cache, say), then the other ranks."""
+        if not self.main:
+            self.barrier()
+        yield
+        if self.main:
+            self.barrier()
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -224,7 +366,7 @@ def make_optimizer(cfg: TrainConfig, groups: dict[str, list[tuple[str, nn.Parame
     """AdamW with one parameter group per trained part, split into matrices (decayed) and norms and biases
     (never decayed)."""
     param_groups = []
-    for name, lr in cfg.lr.items():
+    for name, lr in sorted(cfg.lr.items()):
         for decayed in (True, False):
             params = [p for _, p in groups[name] if (p.ndim >= 2 and cfg.weight_decay > 0) == decayed]
             if params:

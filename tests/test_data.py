@@ -69,12 +69,11 @@ def test_malformed_json_file_is_named(make_dataset):
         make_dataset(None, raw="[{\"id\": 1,")
 
 
-def test_unreadable_image_is_named_when_loaded(make_dataset, tmp_path):
-    data = make_dataset([good_record(0)])
-    (tmp_path / "img.png").write_bytes(b"not a png")
+def test_image_spoilt_after_the_check_is_named_when_loaded(make_dataset, tmp_path):
+    data, skipping = make_dataset([good_record(0)]), make_dataset([good_record(0)], skip_bad=True)
+    (tmp_path / "img.png").write_bytes(b"not a png")  # after the up-front check passed it
     with pytest.raises(BadRecord, match="data.json record 0.*img.png"):
         data[0]
-    skipping = make_dataset([good_record(0)], skip_bad=True)
     assert skipping[0] is None
 
 

@@ -92,6 +92,24 @@ def test_dropout_acts_on_the_input_of_a_in_training_only():
     assert torch.equal(layer.train()(x), base)  # the base path never sees the dropout
 
 
+def test_dropout_mask_replayed_gives_peft_formula():
+    """In training, y = W x + b + s B A (m * x) / (1 - p) with m the dropout's Bernoulli mask over x: replaying the
+    mask from the same seed on a tensor of x's shape gives the layer's output. (Dropout on B's output, or on A's,
+    draws a mask of another shape and gives another output.)"""
+    p = 0.3
+    layer = LoRALinear(torch.nn.Linear(12, 20), r=4, alpha=8, dropout=p).train()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(6, 12)
+    torch.manual_seed(7)
+    got = layer(x)
+    torch.manual_seed(7)
+    kept = torch.nn.functional.dropout(torch.ones_like(x), p) * (1 - p)  # the mask m: 0 or 1
+    assert 0 < kept.mean() < 1
+    base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    want = base + layer.scaling * (kept * x / (1 - p)) @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    assert (got - want).abs().max() <= 1e-5
+
+
 def test_peft_loads_the_saved_adapters_onto_transformers(llava_dir, tmp_path):
     peft = pytest.importorskip("peft")
     model = adapted(llava_dir)

@@ -10,7 +10,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import hub_models
-from nanovlm.llm import LLM, LLMConfig, rope_inv_freq
+from nanovlm.llm import LLM, KVCache, LLMConfig, rope_inv_freq
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.vision import VisionConfig, VisionTower
 from nanovlm.vlm import VLM, VLMConfig
@@ -121,6 +121,23 @@ def test_llm_logits_match_transformers(tmp_path, variant):
     assert (got - want).abs().max() <= TOL
     if variant == "tied":
         assert ours.lm_head.weight is ours.embed_tokens.weight
+
+
+def test_token_by_token_decoding_with_a_cache_equals_one_full_pass():
+    """LLM.forward with a KVCache and no position_ids: each new token takes position cache.length, so feeding a
+    sequence one token at a time gives the hidden states of one pass over all of it."""
+    torch.manual_seed(0)
+    cfg = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64)
+    llm = LLM(cfg).eval()
+    embeds = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        whole = llm(embeds)
+        cache = KVCache(cfg, 2, 12, "cpu", torch.float32)
+        prefill = llm(embeds[:, :5], cache=cache)  # a prompt, then one token at a time
+        steps = [llm(embeds[:, t:t + 1], cache=cache) for t in range(5, 12)]
+    assert cache.length == 12
+    assert (torch.cat([prefill, *steps], dim=1) - whole).abs().max() <= 1e-5
 
 
 def test_llama3_rope_scaling_is_applied():

@@ -123,7 +123,7 @@ def test_each_task_carries_its_own_instruction(solid, mix):
     assert len(records) == len(world)  # same conversations per epoch: the same steps
     seen = {"short": 0, "caption": 0, "rec": 0, "grounded": 0}
     for record in records:
-        image = str(Path(record["image"]).relative_to(Path("..") / solid.name))
+        image = str(Path(record["image"]).relative_to(solid.name))
         check_record(record, mix)  # a valid LLaVA record whose image resolves from OUT
         scene, turns = objects[image], record["conversations"]
         questions = [t["value"].removeprefix("<image>\n") for t in turns[::2]]
@@ -165,7 +165,7 @@ def test_grounding_eval_and_instructed_eval(solid, mix):
     assert {r["size"] for r in benchmark.records} == {"small", "large"}
     assert {r["objects"] for r in benchmark.records} == {1, 2, 3, 4}
     for record in benchmark.records:
-        scene = objects[str(Path(record["image"]).relative_to(Path("..") / solid.name))]
+        scene = objects[str(Path(record["image"]).relative_to(solid.name))]
         [o] = referred(record["expression"], scene)
         assert is_valid(record["box"]) and record["box"] == pytest.approx(obj_box(o, size), abs=1e-4)
         assert (record["size"], record["objects"]) == (o["size"], len(scene))

@@ -330,8 +330,9 @@ def test_unreadable_images_are_named_or_counted_and_skipped(world, init, tmp_pat
     images = image_folder(world, tmp_path / "images", 3)
     (images / "001.png").write_bytes(b"not a png")
     args = ["--step", "preferences", "--init", str(init), "--images", str(images), "--max_new_tokens", "2"]
-    with pytest.raises(BadRecord, match=r"001\.png.*--skip_bad_records"):
+    with pytest.raises(SystemExit, match=r"001\.png.*--skip_bad_records"):  # found before generation starts
         train_stic.main([*args, "--out_dir", str(tmp_path / "strict")])
+    assert not (tmp_path / "strict" / "preferences.jsonl").exists()
     train_stic.main([*args, "--out_dir", str(tmp_path / "lenient"), "--skip_bad_records", "true"])
     kept = [json.loads(line)["image"] for line in (tmp_path / "lenient" / "preferences.jsonl").open()]
     skipped = [json.loads(line) for line in (tmp_path / "lenient" / "preferences.skipped.jsonl").open()]
