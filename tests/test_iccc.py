@@ -16,17 +16,15 @@ from data.caption_ranking import main as build_ranking
 from data.caption_ranking import shapes_benchmark
 from nanovlm.benchmarks import load
 from nanovlm.caption_ranking import accuracy, caption_logprobs
+from nanovlm.concepts import TYPES, extract, form
 from nanovlm.data import BadRecord, DataSource
 from nanovlm.iccc import (
     ICCC,
     PROMPT,
     REPLACE_PHRASES,
     SWAP_PHRASES,
-    TYPES,
     CaptionCorrectionDataset,
     ConceptBank,
-    extract,
-    form,
     make_sample,
     normalize,
     replace,
