@@ -10,18 +10,19 @@ the model, looking at the image, says what is wrong. Per pair (image x, caption 
     c~ = c with concept a replaced by a'        y = "a'" should be "a".         (a replace: otherwise)
     input: x, then `check the caption "c~",`    L = -sum_t log p(y_t | y_<t, x, c~)
 
-and otherwise an ordinary captioning sample: input x alone (BLIP-2 OPT's empty caption prompt), y = c. Rendered
-by the `plain_prompt` template: the image, a newline, the prompt and a newline for a correction, then y and a
-newline. Only y and its newline carry loss (the official BLIP-2 OPT path feeds only the prompt to the LM, so it
+and otherwise an ordinary captioning sample: input x alone (BLIP-2 OPT's empty caption prompt), y = c, exactly
+as stage 1 saw it. Rendered by the `plain_prompt` template: for a correction the image, a newline, the prompt
+and a newline, then y and a newline; for a captioning sample the image, then y and a newline (`plain`'s
+rendering). Only y and its newline carry loss (the official BLIP-2 OPT path feeds only the prompt to the LM, so it
 learns nothing but a newline; its InstructBLIP path is right). Only the connector trains: the projector, and the
 prototype extractor when the model has one.
 
 Recipe (official YAMLs): aug 0.3 / swap 0.15 (BLIP-2 OPT-2.7B), 0.3 / 0.1 (OPT-6.7B), 0.1 / 0.1
 (InstructBLIP Vicuna-7B); lr 5e-6 (OPT-6.7B), 1e-6 (InstructBLIP); weight decay 0.05; 500 warmup steps then
 cosine; COCO + Visual Genome captions. Captions are lowercased, ":" becomes a space, and they are cut to 50
-words. The replace target has four phrasings ("should be", "could be", "is", "actually is"), the swap target
-four ("are swapped", "need to be switched", "should exchange their positions", "need to be swapped"), drawn
-uniformly.
+words (here: in correction samples; see below). The replace target has four phrasings ("should be", "could
+be", "is", "actually is"), the swap target four ("are swapped", "need to be switched", "should exchange their
+positions", "need to be swapped"), drawn uniformly.
 
 Concepts (five types: ent, pred, noun, verb, attr, as in the official code) are found by nanovlm/concepts.py,
 with word lists and a few rules where the paper uses spaCy's dependency parser.
@@ -46,6 +47,14 @@ Departures from the official code, and why:
   "a red circle and a blue square" -> "a blue circle and a red square" or "a man riding a horse" -> "a horse
   riding a man" are made. The rule errs towards refusing: "a man riding a horse with a dog" cannot become "a
   man riding a dog with a horse".
+- A captioning sample is stage 1's sample unchanged: the caption as the record has it (not lowercased, not
+  cut), right after the image. The official code passes every caption through BLIP's text processor, which
+  lowercases, because BLIP-2's pretraining captions went through the same processor: there too the captioning
+  samples continue pretraining as it ran. LLaVA's stage 1 keeps the captions' case, and a model whose tokenizer
+  and LLM learnt cased text pays for the difference: the tiny stage-1 model's caption loss is 0.18 on its own
+  samples, 1.73 on the same captions lowercased and 0.68 with a newline after the image. With captioning
+  samples as stage 1's, `--aug_ratio 0` continues stage 1 itself, and ICCC differs from that control only by
+  its corrections.
 - The corruption is drawn as records load, from a generator seeded by (seed, record, epoch): a run is
   reproducible, and each epoch corrupts each caption afresh.
 """
@@ -187,13 +196,14 @@ class Sample:
     kind: str  # "caption" (untouched), "replace" or "swap"
     concept: str  # the type of the corrupted concept; "" for a caption
     caption: str  # the normalised caption, corrupted unless kind is "caption"
-    target: str  # what the model learns to say
+    target: str  # what the model learns to say: the correction, or the caption as the record has it
 
 
 def make_sample(caption: str, bank: ConceptBank, settings: ICCC, rng: random.Random) -> Sample:
     """ICCC's draw for one caption: a correction sample with probability aug_ratio (a swap first with
     probability swap_ratio, when one changes the meaning; else a replace), otherwise plain captioning. A caption
-    without a usable concept (empty, stop words only) stays a captioning sample."""
+    without a usable concept (empty, stop words only) stays a captioning sample, whose target is the caption
+    as given (stage 1's)."""
     text = normalize(caption, settings.max_words)
     if text and rng.random() < settings.aug_ratio:
         concepts = extract(text)
@@ -204,12 +214,13 @@ def make_sample(caption: str, bank: ConceptBank, settings: ICCC, rng: random.Ran
         if replaced := replace(concepts, bank, rng):
             corrupted, kind, wrong, right = replaced
             return Sample("replace", kind, corrupted, rng.choice(REPLACE_PHRASES).format(wrong, right))
-    return Sample("caption", "", text, text)
+    return Sample("caption", "", text, caption)
 
 
 def to_conversation(sample: Sample) -> list[dict]:
     """The LLaVA turns of a sample: the image alone before a caption, the image and the prompt before a
-    correction (rendered by the `plain_prompt` template: image, text, newline, target)."""
+    correction (rendered by the `plain_prompt` template: image, caption; or image, newline, prompt, newline,
+    target)."""
     human = IMAGE_PLACEHOLDER if sample.kind == "caption" else IMAGE_PLACEHOLDER + "\n" + PROMPT.format(sample.caption)
     return [{"from": "human", "value": human}, {"from": "gpt", "value": sample.target}]
 

@@ -21,6 +21,7 @@ class Template:
     stop_str: str  # generation stops when this appears
     assistant_tail: str = ""  # text after each answer that carries no loss (ChatML's newline)
     image_only_user: bool = False  # drop the human text and keep only the image (LLaVA stage-1 captioning)
+    user_image_alone: str | None = None  # format of a human turn that is the image alone (None: `user`)
     vuser_prefix: str = ""  # opens a visual-user turn, no loss ("" : the template has no visual user)
     vuser_question: str = ""  # format string around the visual user's question; it carries loss
     vuser_suffix: str = ""  # after the question: opens the assistant turn, no loss
@@ -32,8 +33,10 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 
 TEMPLATES: dict[str, Template] = {
     "plain": Template(name="plain", system="", user="{}", assistant="{}\n", stop_str="\n", image_only_user=True),
-    # `plain` that keeps the human text: the image, the text, a newline, the answer (ICCC, nanovlm/iccc.py)
-    "plain_prompt": Template(name="plain_prompt", system="", user="{}\n", assistant="{}\n", stop_str="\n"),
+    # `plain` that keeps the human text: the image, the text, a newline, the answer; the image alone renders as
+    # in `plain`, so that ICCC's captioning samples are stage 1's (nanovlm/iccc.py)
+    "plain_prompt": Template(name="plain_prompt", system="", user="{}\n", assistant="{}\n", stop_str="\n",
+                             user_image_alone="{}"),
     "vicuna_v1": Template(
         name="vicuna_v1",
         system=VICUNA_SYSTEM + " ",
@@ -109,7 +112,8 @@ def render(template: Template, conversation: list[dict],
             question = turn["value"]
             if template.image_only_user:
                 question = IMAGE_PLACEHOLDER if IMAGE_PLACEHOLDER in question else ""
-            text += template.user.format(question)
+            alone = question == IMAGE_PLACEHOLDER and template.user_image_alone is not None
+            text += (template.user_image_alone if alone else template.user).format(question)
         elif turn["from"] == "vuser":
             if not template.vuser_prefix:
                 raise ValueError(f"template {template.name!r} has no visual user (VUSER) role; use v1_sq")

@@ -17,7 +17,7 @@ from data.caption_ranking import shapes_benchmark
 from nanovlm.benchmarks import load
 from nanovlm.caption_ranking import accuracy, caption_logprobs
 from nanovlm.concepts import TYPES, extract, form
-from nanovlm.data import BadRecord, DataSource
+from nanovlm.data import BadRecord, DataSource, LLaVADataset
 from nanovlm.iccc import (
     ICCC,
     PROMPT,
@@ -258,18 +258,22 @@ def test_targets_are_the_exact_strings():
         ("swap", "a red square and a blue circle.", phrase.format("square", "circle")) for phrase in SWAP_PHRASES}
     assert len(REPLACE_PHRASES) == len(SWAP_PHRASES) == 4
     untouched = make_sample("A Red: circle  on  a MAT", bank, ICCC(aug_ratio=0), random.Random(0))
-    assert untouched.kind == "caption" and untouched.target == untouched.caption == "a red circle on a mat"
+    assert untouched.kind == "caption" and untouched.caption == "a red circle on a mat"
+    assert untouched.target == "A Red: circle  on  a MAT"  # stage 1's sample: the caption as the record has it
     assert to_conversation(untouched) == [{"from": "human", "value": "<image>"},
-                                          {"from": "gpt", "value": "a red circle on a mat"}]
+                                          {"from": "gpt", "value": "A Red: circle  on  a MAT"}]
     correction = next(s for s in replaced if s.concept == "attr")
     assert to_conversation(correction)[0]["value"] == '<image>\ncheck the caption "a blue circle",'
     assert PROMPT.format("x") == 'check the caption "x",'
 
 
-def test_captions_are_cut_to_50_words():
+def test_corrected_captions_are_cut_to_50_words_and_captioning_keeps_stage_one_captions():
     long = " ".join(["a red circle"] * 30)
     assert len(normalize(long).split()) == 50
-    assert make_sample(long, make_bank(), ICCC(aug_ratio=0), random.Random(0)).target == normalize(long)
+    corrected = make_sample(long, make_bank(), ICCC(aug_ratio=1, swap_ratio=0), random.Random(0))
+    assert corrected.kind == "replace" and len(corrected.caption.split()) == 50
+    untouched = make_sample(long, make_bank(), ICCC(aug_ratio=0), random.Random(0))
+    assert untouched.caption == normalize(long) and untouched.target == long
 
 
 def test_rates_follow_aug_and_swap_ratios():
@@ -288,7 +292,7 @@ def test_bad_captions_give_captioning_samples_or_a_clean_draw(caption):
         sample = make_sample(caption, bank, ICCC(aug_ratio=1, swap_ratio=0.5), random.Random(seed))
         assert sample.kind in ("caption", "replace", "swap")
         if sample.kind == "caption":
-            assert sample.target == normalize(caption)
+            assert sample.caption == normalize(caption) and sample.target == caption
     for empty in ("", "a the of and is", "..."):
         assert make_sample(empty, bank, ICCC(aug_ratio=1), random.Random(0)).kind == "caption"
     with pytest.raises(TypeError, match="a caption must be a string, got int"):
@@ -334,8 +338,9 @@ def test_plain_prompt_renders_the_image_the_text_and_the_answer():
     text, spans = render(get_template("plain_prompt"), conversation)
     assert text == '<image>\ncheck the caption "a blue circle",\n"blue" should be "red".\n'
     assert [text[s:e] for s, e in spans] == ['"blue" should be "red".\n']
-    assert render(get_template("plain_prompt"), [{"from": "human", "value": "<image>"},
-                                                 {"from": "gpt", "value": "a cat"}]) == ("<image>\na cat\n", [(8, 14)])
+    captioning = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A cat."}]
+    assert render(get_template("plain_prompt"), captioning) == ("<image>A cat.\n", [(7, 14)])
+    assert render(get_template("plain_prompt"), captioning) == render(get_template("plain"), captioning)
 
 
 @pytest.mark.parametrize("tokenizer_source", ["tiny", "llama"])
@@ -359,6 +364,16 @@ def test_loss_covers_exactly_the_target_tokens(world, init, llama_tokenizer_dir,
         assert tok.decode(trained, skip_special_tokens=False).strip(" ") == sample.target + "\n"
         assert tok.decode(ids[:len(ids) - len(trained)]).endswith(("\n", sample.caption + '",\n'))
     assert kinds == {"replace", "swap"}
+
+
+def test_the_control_is_stage_one_itself(world, tokenizer):
+    """With aug_ratio 0 every sample is the one stage 1 trains on: the same tokens and the same labels."""
+    control = dataset(world / "captions.json", tokenizer, settings=ICCC(aug_ratio=0.0))
+    stage1 = LLaVADataset([DataSource(world / "captions.json")], tokenizer, get_template("plain"),
+                          ImageProcessor(size=96, crop_size=96, pad_to_square=False), 16, 512, 0)
+    for index in range(20):
+        assert control[index]["input_ids"] == stage1[index]["input_ids"]
+        assert control[index]["labels"] == stage1[index]["labels"]
 
 
 def test_samples_are_seeded_per_record_and_epoch(world, tokenizer):
