@@ -52,9 +52,9 @@ Departures from the official code, and why:
   lowercases, because BLIP-2's pretraining captions went through the same processor: there too the captioning
   samples continue pretraining as it ran. LLaVA's stage 1 keeps the captions' case, and a model whose tokenizer
   and LLM learnt cased text pays for the difference: the tiny stage-1 model's caption loss is 0.18 on its own
-  samples, 1.73 on the same captions lowercased and 0.68 with a newline after the image. With captioning
-  samples as stage 1's, `--aug_ratio 0` continues stage 1 itself, and ICCC differs from that control only by
-  its corrections.
+  samples, 1.73 on the same captions lowercased and 0.68 with a newline after the image
+  (results/iccc_seeds_lowercased_captions.json). With captioning samples as stage 1's, `--aug_ratio 0`
+  continues stage 1 itself, and ICCC differs from that control only by its corrections.
 - The corruption is drawn as records load, from a generator seeded by (seed, record, epoch): a run is
   reproducible, and each epoch corrupts each caption afresh.
 """
