@@ -16,8 +16,7 @@ absent ones drawn at random, among the most frequent pairs (popular) or among th
 present ones (adversarial). Pair frequencies are skewed, and pairs have "companions" they tend to appear with,
 so that the popular and adversarial settings really probe those biases.
 
-`python data/shapes.py --show 8 [--model out/tiny/sft]` draws the first eval images with their captions and
-questions into a PNG, and a trained model's answers beside the truth.
+`python data/shapes_show.py` draws a world's first eval images with their questions, and a model's answers.
 
 Two rendering domains, for SPHINX's weight mixing (nanovlm/merge.py): `solid` (the default, domain A) fills each
 shape on a flat dark-grey background; `outline` (domain B, `--style outline --out out/shapes_b`) draws its objects,
@@ -30,15 +29,13 @@ the style, so its train and eval splits are its own; a solid world is written ex
 import argparse
 import json
 import random
-import re
-import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from itertools import permutations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 VERSION = 2  # bump when the output changes, so that a stale world.json is not reused
@@ -448,123 +445,17 @@ def generate(out_dir: str | Path, cfg: ShapesConfig = ShapesConfig()) -> dict:
     return json.loads((out / "world.json").read_text())  # the same dict that a reused world returns
 
 
-SHOW_SCALE = 3  # a shown image is drawn 3x larger, each pixel a 3x3 block
-SPLIT_NAMES = {"in_distribution": "in distribution", "holdout": "hold-out (a colour-shape pair never trained on)"}
-Line = list[tuple[str, str]]  # a line of text as (text, colour) segments
-
-
-def show(world_dir: Path, count: int, png: Path, model_dir: str | None = None) -> Path:
-    """A PNG grid of the first `count` eval images, enlarged, each with its caption and eval questions and their
-    answers; with a model, the model's greedy answers beside the truth, green when right and red when wrong."""
-    records = json.loads((world_dir / "eval.json").read_text())
-    objects = json.loads((world_dir / "objects.json").read_text())
-    images = list(dict.fromkeys(r["image"] for r in records))[:count]
-    questions = {image: [("Describe the image.", caption([Obj(**o) for o in objects[image]]))] for image in images}
-    for r in records:
-        if r["image"] in questions:
-            questions[r["image"]].append((r["question"], r["answer"]))
-    asked = [(image, question) for image in images for question, _ in questions[image]]
-    replies = dict(zip(asked, model_answers(model_dir, world_dir, asked))) if model_dir else {}
-
-    font = ImageFont.load_default(size=14)
-    side = SHOW_SCALE * Image.open(world_dir / images[0]).width
-    text_width, line, pad = 440, 18, 12
-    splits = {r["image"]: r["split"] for r in records}
-    cells = []
-    for image in images:
-        lines = [[(f"{Path(image).stem}, {SPLIT_NAMES[splits[image]]}", "grey")]]
-        for question, truth in questions[image]:
-            answers = [("truth: " + truth, "dimgrey")]
-            if replies:
-                reply = replies[image, question]
-                answers += [("  ", "black"), ("model: " + reply, "green" if same(reply, truth) else "red")]
-            lines += [[(question, "black")], answers]
-        cells.append(wrapped(lines, font, text_width))
-    cell_w, cell_h = side + text_width + 3 * pad, max(side, max(len(c) for c in cells) * line) + 2 * pad
-    columns = min(2, len(images))
-    grid = Image.new("RGB", (columns * cell_w, -(-len(images) // columns) * cell_h), "white")
-    pen = ImageDraw.Draw(grid)
-    for i, (image, lines) in enumerate(zip(images, cells)):
-        x, y = (i % columns) * cell_w + pad, (i // columns) * cell_h + pad
-        grid.paste(Image.open(world_dir / image).convert("RGB").resize((side, side), Image.NEAREST), (x, y))
-        for row, segments in enumerate(lines):
-            left = x + side + pad
-            for text, colour in segments:
-                pen.text((left, y + row * line), text, fill=colour, font=font)
-                left += pen.textlength(text, font=font)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    # Few colours make a small file; an outline world's noise needs all 256 for the objects' colours to survive.
-    solid = json.loads((world_dir / "world.json").read_text())["config"].get("style", "solid") == "solid"
-    grid.convert("P", palette=Image.ADAPTIVE, colors=64 if solid else 256).save(png, optimize=True)
-    return png
-
-
-def wrapped(lines: list[Line], font: ImageFont.FreeTypeFont, width: int) -> list[Line]:
-    """The lines, a segment too wide for `width` pixels broken at spaces."""
-    out = []
-    for segments in lines:
-        if sum(font.getlength(text) for text, _ in segments) <= width:
-            out.append(segments)
-            continue
-        for text, colour in segments:
-            if not text.strip():
-                continue
-            current = ""
-            for word in text.split(" "):
-                if current and font.getlength(current + " " + word) > width:
-                    out.append([(current, colour)])
-                    current = "  " + word
-                else:
-                    current = f"{current} {word}" if current else word
-            out.append([(current, colour)])
-    return out
-
-
-def same(reply: str, truth: str) -> bool:
-    """Equal answers after the eval's normalisation; a caption may name its objects in any order."""
-    from data.shapes_eval import normalize_answer  # shapes_eval imports this module
-
-    def phrases(text: str) -> list[str]:
-        return sorted(normalize_answer(phrase) for phrase in re.split(r",| and ", text))
-
-    return phrases(reply) == phrases(truth)
-
-
-def model_answers(model_dir: str, world_dir: Path, asked: list[tuple[str, str]]) -> list[str]:
-    """A model's greedy answers to (image, question) pairs, asked as eval.py asks them."""
-    from nanovlm.generate import Sampling, answer
-    from nanovlm.templates import get_template
-    from nanovlm.vlm import load_pretrained
-
-    model, tokenizer, processor = load_pretrained(model_dir)
-    model.eval()
-    questions = [(world_dir / image, "<image>\n" + question) for image, question in asked]
-    return answer(model, tokenizer, processor, get_template(model.cfg.template), questions,
-                  Sampling(max_new_tokens=48))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="out/shapes", help="the world's folder (--show reads it)")
+    parser.add_argument("--out", default="out/shapes", help="the world's folder")
     for option in fields(ShapesConfig):
         kind = {"choices": STYLES} if option.name == "style" else {"type": int}
         parser.add_argument(f"--{option.name.replace('_', '-')}", default=option.default, **kind)
-    parser.add_argument("--show", type=int, default=0, metavar="N",
-                        help="draw the first N eval images with their captions and questions into a PNG")
-    parser.add_argument("--model", metavar="DIR", help="with --show: a trained model whose answers are shown beside "
-                                                       "the truth, e.g. out/tiny/sft")
-    parser.add_argument("--png", metavar="FILE", help="with --show: the picture to write (default: OUT/show.png)")
     args = vars(parser.parse_args())
-    out, count, model, png = (args.pop(name) for name in ("out", "show", "model", "png"))
-    if count:
-        if not (Path(out) / "world.json").exists():
-            generate(out, ShapesConfig(**args))
-        print(show(Path(out), count, Path(png or Path(out) / "show.png"), model))
-        return
+    out = args.pop("out")
     world = generate(out, ShapesConfig(**args))
     print(f"{out}: held-out pairs {', '.join(world['holdout_pairs'])}; records {world['counts']}")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, --model needs the repo's packages
     main()

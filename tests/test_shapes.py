@@ -270,11 +270,11 @@ def test_probe_reads_every_stage_of_a_tiny_model(init: Path, world: Path):
 
 
 def test_show_draws_the_images_enlarged_and_a_model_answers(init: Path, world: Path, tmp_path: Path):
-    from data.shapes import SHOW_SCALE, model_answers, same, show
+    from data.shapes_show import SCALE, model_answers, same, show
 
     picture = Image.open(show(world, 3, tmp_path / "truth.png")).convert("RGB")
     source = Image.open(world / "images" / "eval_000000.png").convert("RGB")
-    side = SHOW_SCALE * source.width
+    side = SCALE * source.width
     enlarged = source.resize((side, side), Image.NEAREST)
     assert picture.crop((12, 12, 12 + side, 12 + side)).tobytes() == enlarged.tobytes()  # the first image, top left
     assert picture.width > 2 * side and picture.height > 2 * side  # two columns, two rows
