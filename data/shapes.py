@@ -21,33 +21,30 @@ so that the popular and adversarial settings really probe those biases.
 Two rendering domains, for SPHINX's weight mixing (nanovlm/merge.py): `solid` (the default, domain A) fills each
 shape on a flat dark-grey background; `outline` (domain B, `--style outline --out out/shapes_b`) draws its objects,
 with the same geometry (one object per grid cell, so one per patch of the tiny tower; the same sizes and boxes), as
-outlines STROKE pixels wide on a background of grey noise. A domain-B world keeps domain A's rules (held-out pairs,
-pair frequencies, companions: the world's seed) and draws its own scenes, questions and noise from streams keyed by
-the style, so its train and eval splits are its own; a solid world is written exactly as before styles existed.
+outlines on a background of grey noise (data/shapes_draw.py draws both). A domain-B world keeps domain A's rules
+(held-out pairs, pair frequencies, companions: the world's seed) and draws its own scenes, questions and noise from
+streams keyed by the style, so its train and eval splits are its own; a solid world is written exactly as before
+styles existed.
 """
 
 import argparse
 import json
 import random
+import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from itertools import permutations
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python data/shapes.py` finds the packages
+from data.shapes_draw import COLOURS, draw, draw_outline  # noqa: E402
+
 VERSION = 2  # bump when the output changes, so that a stale world.json is not reused
-BACKGROUND = (40, 40, 40)
-STYLES = ("solid", "outline")  # domains A and B
-NOISE = (20, 100)  # an outline world's background: every pixel an independent grey in this range
-STROKE = 2  # an outline's width in pixels
+STYLES = ("solid", "outline")  # domains A and B, drawn by data/shapes_draw.py
 SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = {  # far apart in RGB, and from the background, so that a small image leaves no doubt
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 215, 50),
-    "purple": (150, 60, 200), "orange": (245, 135, 30), "white": (240, 240, 240),
-}
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 SIZES = {"small": 0.2, "large": 0.38}  # half the side of an object's bounding box, as a fraction of its cell
 MAX_OBJECTS = 4
@@ -162,48 +159,6 @@ def sample_scene(rng: random.Random, world: World, cfg: "ShapesConfig", holdout:
     cells = rng.sample([(col, row) for row in range(GRID) for col in range(GRID)], n)
     cell_size = cfg.image_size // GRID
     return [place(rng, pair, rng.choice(list(SIZES)), cell, cell_size) for pair, cell in zip(pairs, cells)]
-
-
-def draw(objects: list[Obj], image_size: int) -> Image.Image:
-    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
-    pen = ImageDraw.Draw(image)
-    for o in objects:
-        fill, box = COLOURS[o.colour], (o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r)
-        if o.shape == "circle":
-            pen.ellipse(box, fill=fill)
-        elif o.shape == "square":
-            pen.rectangle(box, fill=fill)
-        elif o.shape == "triangle":
-            pen.polygon([(o.x, o.y - o.r), (o.x + o.r, o.y + o.r), (o.x - o.r, o.y + o.r)], fill=fill)
-        else:  # a plus sign; bars a third of its size thick keep it a cross, not a blob, at 64 px
-            t = max(1, o.r // 3)
-            pen.rectangle((o.x - o.r, o.y - t, o.x + o.r, o.y + t), fill=fill)
-            pen.rectangle((o.x - t, o.y - o.r, o.x + t, o.y + o.r), fill=fill)
-    return image
-
-
-def draw_outline(objects: list[Obj], image_size: int, seed: str) -> Image.Image:
-    """Domain B: the objects' outlines, STROKE pixels wide, over grey noise drawn from the stream `seed`. The
-    outline runs along the same box as the solid shape's edge, so every box and answer holds in both domains."""
-    noise = np.random.default_rng(random.Random(seed).getrandbits(64)).integers(
-        NOISE[0], NOISE[1] + 1, (image_size, image_size), dtype=np.uint8)
-    image = Image.fromarray(noise).convert("RGB")
-    pen = ImageDraw.Draw(image)
-    for o in objects:
-        colour, box = COLOURS[o.colour], (o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r)
-        if o.shape == "circle":
-            pen.ellipse(box, outline=colour, width=STROKE)
-        elif o.shape == "square":
-            pen.rectangle(box, outline=colour, width=STROKE)
-        elif o.shape == "triangle":
-            pen.polygon([(o.x, o.y - o.r), (o.x + o.r, o.y + o.r), (o.x - o.r, o.y + o.r)], outline=colour,
-                        width=STROKE)
-        else:  # the plus sign's twelve corners, its bars as thick as the solid one's
-            t, r = max(1, o.r // 3), o.r
-            corners = [(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r), (-t, t), (-r, t), (-r, -t),
-                       (-t, -t)]
-            pen.polygon([(o.x + dx, o.y + dy) for dx, dy in corners], outline=colour, width=STROKE)
-    return image
 
 
 def render(objects: list[Obj], cfg: "ShapesConfig", path: str) -> Image.Image:

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from data import shapes_eval
-from data.shapes import COLOURS, GRID, PLURALS, ShapesConfig, generate
+from data.shapes import GRID, PLURALS, ShapesConfig, generate
+from data.shapes_draw import COLOURS
 from data.shapes_eval import format_table, normalize_answer, score
 
 SMALL = ShapesConfig(num_train=300, num_unlabeled=50, num_eval=100)

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from data import shapes, shapes_tasks
-from data.shapes import COLOURS, NOISE, ShapesConfig, generate
+from data.shapes import ShapesConfig, generate
+from data.shapes_draw import COLOURS, NOISE
 from nanovlm.benchmarks import SHORT_ANSWER, load
 from nanovlm.data import DataSource, check_record
 from nanovlm.grounding import CAPTION_PROMPT, GROUNDED_CAPTION_PROMPT, REC_PROMPT, iou, is_valid, parse_box
