@@ -32,6 +32,10 @@ point into the world's folder.
     python data/shapes_tasks.py --world out/shapes --out out/shapes_mix
     python data/shapes_tasks.py --world out/shapes --out out/shapes_mix_control --no-grounding
     python data/shapes_tasks.py --compare out/sphinx/taskmix-control out/sphinx/taskmix   # grounding over seeds
+
+--compare also says what the predicted boxes get right, part by part, which Acc@0.5 alone hides: the object's size
+(is the box wider than halfway between a small and a large object's width?), its grid column and its grid row
+(the cell the box's centre falls in; 1 in GRID by chance), over all records and on one-object images.
 """
 
 import argparse
@@ -42,12 +46,12 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python data/shapes_tasks.py` finds the packages
-from data.shapes import Obj, caption  # noqa: E402
+from data.shapes import GRID, SIZES, Obj, caption  # noqa: E402
 from data.shapes_eval import seed_scores, seeds_table  # noqa: E402
 from nanovlm.benchmarks import SHORT_ANSWER  # noqa: E402
 from nanovlm.checkpoint import atomic_write, write_json  # noqa: E402
 from nanovlm.data import image_root  # noqa: E402
-from nanovlm.grounding import CAPTION_PROMPT, GROUNDED_CAPTION_PROMPT, REC_PROMPT, format_box  # noqa: E402
+from nanovlm.grounding import CAPTION_PROMPT, GROUNDED_CAPTION_PROMPT, REC_PROMPT, format_box, is_valid, parse_box  # noqa: E402
 
 GROUNDED_CAPTION_SHARE = 0.3
 TASKS = {  # how a question opens -> its task, for the counts in build.json (the grounded caption before the caption)
@@ -178,6 +182,40 @@ def compare(variants: dict[str, list[dict]]) -> str:
     return seeds_table("records", ["overall", *rows], variants, value)
 
 
+def box_parts(predictions: list[dict]) -> dict[str, dict[str, float]]:
+    """The share of records (a missing or invalid box counts as wrong) whose predicted box has the true size class, grid
+    column, grid row and cell; over all records and per number of objects in the image."""
+    size_split = sum(SIZES.values()) / GRID  # box width / image width halfway between the two sizes
+
+    def right(prediction: str, truth: list[float]) -> tuple[bool, bool, bool, bool]:
+        if (box := parse_box(prediction)) is None or not is_valid(box):
+            return False, False, False, False
+        cells = [[int((b[i] + b[i + 2]) / 2 * GRID) for i in (0, 1)] for b in (box, truth)]
+        column, row = cells[0][0] == cells[1][0], cells[0][1] == cells[1][1]
+        return (box[2] - box[0] > size_split) == (truth[2] - truth[0] > size_split), column, row, column and row
+
+    def shares(records: list[dict]) -> dict[str, float]:
+        hits = [right(r["prediction"], r["box"]) for r in records]
+        return {part: sum(h[i] for h in hits) / len(hits) for i, part in enumerate(("size", "column", "row", "cell"))}
+
+    counts = sorted({r["objects"] for r in predictions})
+    return {"overall": shares(predictions),
+            "objects": {str(n): shares([r for r in predictions if r["objects"] == n]) for n in counts}}
+
+
+def compare_box_parts(folders: list[Path]) -> str:
+    """`box_parts` over seeds, per variant folder (one subfolder per seed holding eval_grounding.json)."""
+    variants = {folder.name: [box_parts(json.loads(f.read_text())["predictions"])
+                              for f in sorted(folder.glob("*/eval_grounding.json"))] for folder in folders}
+    rows = [f"{part}{where}" for where in ("", ", 1 object") for part in ("size", "column", "row", "cell")]
+
+    def value(run: dict, row: str) -> float | None:
+        part, _, where = row.partition(", ")
+        return run["overall"][part] if not where else run["objects"].get("1", {}).get(part)
+
+    return seeds_table("the box's ...", rows, variants, value)
+
+
 def main(argv: list[str] | None = None) -> dict | str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=Path, default=Path("out/shapes"), help="the shapes world to read")
@@ -190,8 +228,10 @@ def main(argv: list[str] | None = None) -> dict | str:
     args = parser.parse_args(argv)
     if args.compare:
         table = compare(seed_scores(args.compare, "eval_grounding.json"))
-        print(f"grounding, Acc@IoU>=0.5 (%), mean ± std over seeds:\n{table}")
-        return table
+        parts = compare_box_parts(args.compare)
+        print(f"grounding, Acc@IoU>=0.5 (%), mean ± std over seeds:\n{table}\n\n"
+              f"what the boxes get right (%; column, row: chance {100 / GRID:.0f}):\n{parts}")
+        return table + "\n\n" + parts
     if not (args.world / "world.json").is_file():
         raise SystemExit(f"{args.world} is not a shapes world (no world.json): run python data/shapes.py first")
     metadata = build(args.world, args.out, args.grounding, args.seed)

@@ -215,10 +215,32 @@ def test_compare_tables_grounding_over_seeds(tmp_path, capsys):
             run = {"overall": {"accuracy": accuracy + seed / 100}, "size": {"small": {"accuracy": accuracy}},
                    "objects": {"1": {"accuracy": 1.0}}}
             (tmp_path / arm / f"seed{seed}").mkdir(parents=True)
-            (tmp_path / arm / f"seed{seed}" / "eval_grounding.json").write_text(json.dumps({"scores": run}))
+            predictions = [{"prediction": "[0.56, 0.33, 0.68, 0.45]" if arm == "taskmix" else "no box",
+                            "box": [0.5625, 0.3333, 0.6771, 0.4479], "objects": 1}]
+            (tmp_path / arm / f"seed{seed}" / "eval_grounding.json").write_text(json.dumps(
+                {"scores": run, "predictions": predictions}))
     table = shapes_tasks.main(["--compare", str(tmp_path / "control"), str(tmp_path / "taskmix")])
     assert "| overall | 11.0 ± 1.0 | 61.0 ± 1.0 |" in table and "| size small | 10.0 ± 0.0 | 60.0 ± 0.0 |" in table
     assert "| objects 1 | 100.0 ± 0.0 | 100.0 ± 0.0 |" in table and "| seeds | 3 | 3 |" in table
+    assert "| cell, 1 object | 0.0 ± 0.0 | 100.0 ± 0.0 |" in table
+
+
+def test_box_parts_score_size_column_and_row_apart():
+    truth = [0.5625, 0.3333, 0.6771, 0.4479]  # a small object in column 2, row 1 of the 4x4 grid
+    predictions = [  # (predicted box, size right, column right, row right)
+        ("[0.56, 0.33, 0.68, 0.45]", 1, 1, 1),
+        ("[0.52, 0.29, 0.72, 0.49]", 0, 1, 1),  # a large box on the same cell
+        ("[0.56, 0.83, 0.68, 0.95]", 1, 1, 0),  # the right column, the bottom row
+        ("[0.06, 0.33, 0.18, 0.45]", 1, 0, 1),  # the right row, the first column
+        ("the small circle", 0, 0, 0),
+        ("[nan, 0.3, 0.6, 0.4]", 0, 0, 0),
+    ]
+    records = [{"prediction": p, "box": truth, "objects": 1 + i % 2} for i, (p, *_) in enumerate(predictions)]
+    parts = shapes_tasks.box_parts(records)
+    expected = [sum(p[i] for p in predictions) / len(predictions) for i in (1, 2, 3)]
+    assert [parts["overall"][k] for k in ("size", "column", "row")] == pytest.approx(expected)
+    assert parts["overall"]["cell"] == pytest.approx(2 / 6)
+    assert parts["objects"]["1"] == pytest.approx({"size": 2 / 3, "column": 2 / 3, "row": 1 / 3, "cell": 1 / 3})
 
 
 def test_domain_tables_read_each_domains_scores(tmp_path):
