@@ -1,4 +1,4 @@
-"""Where does a model lose track of where objects are? Linear probes on the shapes world.
+"""Where does a model lose track of where objects are? Linear probes and attention on the shapes world.
 
 Spatial questions ("Is the red circle to the left of the blue square?") need the grid cell of two objects. For
 every object of the first `--images` training images, this takes the feature vector at the object's image token
@@ -7,23 +7,39 @@ LLM layer (the image placed in the chat template as in training, under "Describe
 classifier per stage learns the object's column and its row (4 classes each, chance 25%) from 80% of the
 objects and is scored on the other 20%.
 
+With --attention it asks instead where the answer looks: for eval questions of each type, the attention of the
+last prompt position (the one that predicts the answer's first token), in every layer and head, split into the
+image token of the object the question names first, of the one it names second (spatial relations), of the
+other objects and of the background cells. It prints, per layer, the head that looks most at the first-named
+object. A type whose answer is read off one object attends to that object far more than to the others; a
+type where no head does has no lookup of the object it asks about.
+
     python -m data.shapes_probe out/tiny/sft
+    python -m data.shapes_probe out/tiny/sft --attention
 """
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from nanovlm import benchmarks
 from nanovlm.image import ImageProcessor, load_image
+from nanovlm.llm import rotate
 from nanovlm.templates import get_template, tokenize_conversation
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.vlm import VLM, load_pretrained
 
-from .shapes import GRID
+from .shapes import COLOURS, EVAL_TYPES, GRID, SHAPES
+
+# "the red circle", "a red circle", "the red object", "the circle": how a question names one object
+_COLOUR, _SHAPE = "|".join(COLOURS), "|".join(SHAPES)
+REFERENCE = re.compile(rf"\b(?:the|a|an) ((?:{_COLOUR}) (?:{_SHAPE})|(?:{_COLOUR}) object|(?:{_SHAPE}))\b")
+PARTS = ("first named", "second named", "other objects", "background")
 
 
 def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, steps: int = 400, seed: int = 0) -> float:
@@ -94,12 +110,101 @@ def probe(model_dir: str, world_dir: Path, images: int = 2000) -> dict[str, dict
             for name, f in at_objects.items()}
 
 
+def named_cells(question: str, objects: list[dict], cell: int) -> list[list[int]] | None:
+    """The image tokens (row-major cells) of each object the question names, in the order named; None when a
+    name matches no object of the image (an existence question answered "no") or the question names none."""
+    def matches(name: str, o: dict) -> bool:
+        return name in (f"{o['colour']} {o['shape']}", f"{o['colour']} object", o["shape"])
+
+    named = [[(o["y"] // cell) * GRID + o["x"] // cell for o in objects if matches(name, o)]
+             for name in REFERENCE.findall(question)]
+    return named if named and all(named) else None
+
+
+@torch.no_grad()
+def last_position_attention(model: VLM, ids: list[int], pixels: torch.Tensor) -> torch.Tensor:
+    """(layers, heads, T) softmax attention of the last position of one prompt, recomputed from each attention
+    layer's input (its queries and keys, rotated as the layer rotates them)."""
+    rows = []
+
+    def record(attention, args):
+        x, cos, sin = args[:3]  # (1, T, D) normalised input, (1, 1, T, head_dim) rotary tables
+        q = rotate(attention.q_proj(x[:, -1:]).view(1, 1, attention.n_head, -1).transpose(1, 2),
+                   cos[:, :, -1:], sin[:, :, -1:])  # (1, heads, 1, head_dim)
+        k = rotate(attention.k_proj(x).view(1, x.shape[1], attention.n_kv, -1).transpose(1, 2), cos, sin)
+        k = k.repeat_interleave(attention.n_head // attention.n_kv, dim=1)  # (1, heads, T, head_dim)
+        rows.append((q @ k.transpose(-1, -2) / attention.head_dim ** 0.5).softmax(-1)[0, :, 0])  # (heads, T)
+
+    hooks = [block.self_attn.register_forward_pre_hook(record) for block in model.language_model.layers]
+    try:
+        model.language_model(model.embed(torch.tensor([ids]), pixels[None]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(rows)
+
+
+def attention_shares(model_dir: str, world_dir: Path, questions: int = 150) -> dict[str, dict]:
+    """question type -> {"questions": n, "layers": [per layer, the head that looks most at the first-named
+    object: {"head", and the share of its attention on each of PARTS}]}, over the first `questions`
+    in-distribution eval questions of each type that name objects present in the image."""
+    model, tokenizer, processor = load_pretrained(model_dir)
+    model.eval()
+    if model.cfg.vision.select_feature != "patch" or model.cfg.num_image_tokens() != GRID * GRID:
+        raise SystemExit(f"{model_dir}: the probe needs one image token per grid cell ({GRID * GRID} patch tokens)")
+    objects = json.loads((world_dir / "objects.json").read_text())
+    cell = json.loads((world_dir / "world.json").read_text())["config"]["image_size"] // GRID
+    records = benchmarks.load("shapes", world_dir / "eval.json").records
+    template = get_template(model.cfg.template)
+    results = {}
+    for qtype in EVAL_TYPES:
+        totals, n = None, 0
+        for record in records:
+            named = named_cells(record["question"], objects[record["image"]], cell)
+            if record["type"] != qtype or record["split"] != "in_distribution" or named is None:
+                continue
+            conversation = [{"from": "human", "value": benchmarks.prompt("shapes", record)}]
+            ids, _ = tokenize_conversation(tokenizer, template, conversation, GRID * GRID, generation_prompt=True)
+            first = ids.index(model.cfg.image_token_id)
+            image = last_position_attention(model, ids, processor(load_image(world_dir / record["image"])))
+            image = image[..., first:first + GRID * GRID]  # (layers, heads, cells)
+            groups = [named[0], named[1] if len(named) > 1 else []]
+            groups.append([c for c in {(o["y"] // cell) * GRID + o["x"] // cell for o in objects[record["image"]]}
+                           if c not in groups[0] + groups[1]])
+            groups.append([c for c in range(GRID * GRID) if all(c not in g for g in groups)])
+            shares = torch.stack([image[..., g].sum(-1) for g in groups], dim=-1)  # (layers, heads, parts)
+            totals = shares if totals is None else totals + shares
+            n += 1
+            if n == questions:
+                break
+        if n:
+            mean = totals / n
+            layers = []
+            for layer in mean:
+                head = int(layer[:, 0].argmax())
+                layers.append({"head": head} | {part: round(float(v), 4) for part, v in zip(PARTS, layer[head])})
+            results[qtype] = {"questions": n, "layers": layers}
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a tiny-preset checkpoint directory, e.g. out/tiny/sft")
     parser.add_argument("--world", type=Path, default=Path("out/shapes"))
     parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--attention", action="store_true", help="where the answer looks, per question type")
+    parser.add_argument("--questions", type=int, default=150, help="eval questions per type for --attention")
     args = parser.parse_args(argv)
+    if args.attention:
+        shares = attention_shares(args.model, args.world, args.questions)
+        print(f"{args.model}: attention of the answer position (share, per layer the head that looks most at the "
+              "first-named object)")
+        print("| question | layer | head | " + " | ".join(PARTS) + " |\n|---|---:|---:|" + "---:|" * len(PARTS))
+        for qtype, result in shares.items():
+            for i, layer in enumerate(result["layers"]):
+                print(f"| {qtype} ({result['questions']}) | {i + 1} | {layer['head']} | "
+                      + " | ".join(f"{layer[part]:.2f}" for part in PARTS) + " |")
+        return shares
     results = probe(args.model, args.world, args.images)
     print(f"{args.model}: linear probes of each object's grid cell (%; chance 25)")
     print("| stage | column | row |\n|---|---:|---:|")

@@ -270,6 +270,52 @@ def test_probe_reads_every_stage_of_a_tiny_model(init: Path, world: Path):
     assert results["vision tower"]["column"] > 0.6 and results["vision tower"]["row"] > 0.6
 
 
+def test_named_cells_follow_the_questions_references():
+    from data.shapes_probe import named_cells
+
+    objects = [{"colour": "red", "shape": "circle", "x": 12, "y": 36}, {"colour": "blue", "shape": "square", "x": 84,
+               "y": 12}, {"colour": "red", "shape": "square", "x": 36, "y": 84}]  # cells (0, 1), (3, 0), (1, 3)
+    assert named_cells("Is the blue square to the left of the red circle?", objects, 24) == [[3], [4]]
+    assert named_cells("What colour is the circle?", objects, 24) == [[4]]
+    assert named_cells("What shape is the blue object?", objects, 24) == [[3]]
+    assert named_cells("Is there a red square in the image?", objects, 24) == [[13]]
+    assert named_cells("Is there a green cross in the image?", objects, 24) is None  # absent: nothing to look at
+    assert named_cells("How many objects are there?", objects, 24) is None
+
+
+def test_attention_probe_reproduces_each_layers_output(init: Path, world: Path):
+    from data.shapes_probe import attention_shares, last_position_attention
+    from nanovlm.templates import get_template, tokenize_conversation
+    from nanovlm.vlm import load_pretrained
+
+    model, tokenizer, processor = load_pretrained(str(init))
+    model.eval()
+    conversation = [{"from": "human", "value": "<image>\nIs the red circle to the left of the blue square?"}]
+    ids, _ = tokenize_conversation(tokenizer, get_template(model.cfg.template), conversation,
+                                   model.cfg.num_image_tokens(), generation_prompt=True)
+    pixels = processor(Image.open(world / "images" / "eval_000000.png"))
+    seen = []
+    hooks = [block.self_attn.register_forward_hook(lambda m, args, out: seen.append((m, args[0], out)))
+             for block in model.language_model.layers]
+    probs = last_position_attention(model, ids, pixels)  # (layers, heads, T)
+    for hook in hooks:
+        hook.remove()
+    assert probs.shape == (len(model.language_model.layers), model.cfg.llm.num_attention_heads, len(ids))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:2]))
+    for layer, (attention, x, out) in zip(probs, seen):
+        v = attention.v_proj(x).view(1, len(ids), attention.n_kv, -1).transpose(1, 2)[0]  # (kv heads, T, head_dim)
+        v = v.repeat_interleave(attention.n_head // attention.n_kv, dim=0)
+        mixed = (layer[:, None, :] @ v).flatten()  # the heads' outputs at the last position, concatenated
+        torch.testing.assert_close(attention.o_proj(mixed), out[0, -1].detach(), atol=1e-5, rtol=1e-4)
+
+    shares = attention_shares(str(init), world, questions=4)
+    assert shares["spatial"]["questions"] == 4 and "count" not in shares  # counts name no single object
+    for result in shares.values():  # the four parts split the image's share of the attention: none counted twice
+        for layer in result["layers"]:
+            parts = [layer[part] for part in ("first named", "second named", "other objects", "background")]
+            assert min(parts) >= 0 and 0 < sum(parts) <= 1 + 1e-4
+
+
 def test_show_draws_the_images_enlarged_and_a_model_answers(init: Path, world: Path, tmp_path: Path):
     from data.shapes_show import SCALE, model_answers, same, show
 
