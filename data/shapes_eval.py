@@ -87,8 +87,9 @@ def tracker_for(run: Run, model: VLM, tokenizer: Tokenizer, processor: ImageProc
 
 def tracker(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, world_dir: Path,
             questions: int) -> Callable[[], dict]:
-    """What the training loop calls every --eval_every steps: the overall accuracy per split on `questions` eval
-    questions taken at an even stride through the eval split (so every split and question type is in it)."""
+    """What the training loop calls every --eval_every steps: the accuracy per split ("in_distribution"), overall,
+    and per question type ("in_distribution/spatial"), on `questions` eval questions taken at an even stride
+    through the eval split (so every split and question type is in it)."""
     full = benchmarks.load("shapes", world_dir / "eval.json")
     stride = max(1, len(full.records) // questions)
     part = benchmarks.Benchmark("shapes", full.path, full.records[::stride][:questions],
@@ -96,7 +97,9 @@ def tracker(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, world_d
 
     def accuracy() -> dict:
         scores, _ = evaluate_benchmark(model, tokenizer, processor, part, progress=False)
-        return {split: round(s["overall"], 4) for split, s in scores.items()} | {"n": len(part.records)}
+        per_type = {f"{split}/{qtype}": round(v, 4) for split, s in scores.items() for qtype, v in s.items()
+                    if qtype not in ("overall", "n")}
+        return {split: round(s["overall"], 4) for split, s in scores.items()} | per_type | {"n": len(part.records)}
 
     return accuracy
 
@@ -152,10 +155,11 @@ def compare(variants: dict[str, list[dict]], split: str = "in_distribution") -> 
     return seeds_table("question", [*EVAL_TYPES, "overall"], variants, lambda run, qtype: run[split][qtype])
 
 
-def curve(variants: dict[str, list[list[dict]]], split: str = "in_distribution") -> str:
+def curve(variants: dict[str, list[list[dict]]], split: str = "in_distribution", qtype: str = "overall") -> str:
     """A markdown table of accuracy curves: each variant's mean ± std over seeds at every step where its runs
-    logged an evaluation (metrics.jsonl records with "eval", from --eval_every); steps as rows."""
-    logged = {name: [{r["step"]: r["eval"][split] for r in run if "eval" in r} for run in runs]
+    logged an evaluation (metrics.jsonl records with "eval", from --eval_every) of `qtype`; steps as rows."""
+    key = split if qtype == "overall" else f"{split}/{qtype}"
+    logged = {name: [{r["step"]: r["eval"][key] for r in run if key in r.get("eval", {})} for run in runs]
               for name, runs in variants.items()}
     steps = sorted({step for runs in logged.values() for run in runs for step in run})
     rows = ["| step | " + " | ".join(variants) + " |", "|---:|" + "---:|" * len(variants)]
@@ -174,6 +178,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--file", default="eval_shapes.json", help="the scores file in each seed's folder, e.g. "
                         "eval_shapes_b.json for another domain's eval (eval.py --out)")
     parser.add_argument("--curve", action="store_true", help="accuracy against step, from */metrics.jsonl")
+    parser.add_argument("--type", default="overall", choices=["overall", *EVAL_TYPES],
+                        help="the question type of --curve")
     args = parser.parse_args(argv)
     if args.curve:
         variants = {}
@@ -182,8 +188,9 @@ def main(argv: list[str] | None = None) -> str:
             if not files:
                 raise SystemExit(f"{folder}: no */metrics.jsonl (one subdirectory per seed)")
             variants[folder.name] = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
-        table = curve(variants, args.split)
-        print(f"shapes world, {args.split}, exact match (%) during training, mean ± std over seeds:\n{table}")
+        table = curve(variants, args.split, args.type)
+        print(f"shapes world, {args.split}, {args.type}, exact match (%) during training, mean ± std over seeds:\n"
+              f"{table}")
     else:
         table = compare(seed_scores(args.variants, args.file), args.split)
         print(f"shapes world, {args.split}, exact match (%), mean ± std over seeds:\n{table}")

@@ -235,13 +235,16 @@ def test_curve_reads_the_accuracy_logged_during_training(tmp_path: Path):
     """`python -m data.shapes_eval --curve`: each variant's mean ± std over seeds at every evaluated step."""
     for seed, (a, b) in enumerate([(0.2, 0.5), (0.4, 0.7)]):
         log = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval": {"in_distribution": a, "holdout": 0.1}},
-               {"step": 4, "loss": 1.0, "eval": {"in_distribution": b, "holdout": 0.3}}]
+               {"step": 4, "loss": 1.0, "eval": {"in_distribution": b, "holdout": 0.3,
+                                                  "in_distribution/spatial": b / 2}}]
         (tmp_path / "baseline" / f"seed{seed}").mkdir(parents=True)
         (tmp_path / "baseline" / f"seed{seed}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     table = shapes_eval.main([str(tmp_path / "baseline"), "--curve"])
     assert table.splitlines()[2:] == ["| 2 | 30.0 ± 14.1 |", "| 4 | 60.0 ± 14.1 |"]
     holdout = shapes_eval.main([str(tmp_path / "baseline"), "--curve", "--split", "holdout"])
     assert holdout.endswith("| 4 | 30.0 ± 0.0 |")
+    spatial = shapes_eval.main([str(tmp_path / "baseline"), "--curve", "--type", "spatial"])
+    assert spatial.splitlines()[2:] == ["| 4 | 30.0 ± 7.1 |"]  # logged at step 4 only
 
 
 def test_two_thousand_images_in_under_ten_seconds(tmp_path: Path):
