@@ -10,8 +10,8 @@ objects and is scored on the other 20%.
 With --attention it asks instead where the answer looks: for eval questions of each type, the attention of the
 last prompt position (the one that predicts the answer's first token), in every layer and head, split into the
 image token of the object the question names first, of the one it names second (spatial relations), of the
-other objects and of the background cells. It prints, per layer, the head that looks most at the first-named
-object. A type whose answer is read off one object attends to that object far more than to the others; a
+other objects and of the background cells. It prints, per layer, the head that looks most at the named
+objects. A type whose answer is read off one object attends to that object far more than to the others; a
 type where no head does has no lookup of the object it asks about.
 
     python -m data.shapes_probe out/tiny/sft
@@ -145,8 +145,8 @@ def last_position_attention(model: VLM, ids: list[int], pixels: torch.Tensor) ->
 
 
 def attention_shares(model_dir: str, world_dir: Path, questions: int = 150) -> dict[str, dict]:
-    """question type -> {"questions": n, "layers": [per layer, the head that looks most at the first-named
-    object: {"head", and the share of its attention on each of PARTS}]}, over the first `questions`
+    """question type -> {"questions": n, "layers": [per layer, the head that looks most at the named objects
+    (first and second together): {"head", and the share of its attention on each of PARTS}]}, over the first `questions`
     in-distribution eval questions of each type that name objects present in the image."""
     model, tokenizer, processor = load_pretrained(model_dir)
     model.eval()
@@ -181,7 +181,7 @@ def attention_shares(model_dir: str, world_dir: Path, questions: int = 150) -> d
             mean = totals / n
             layers = []
             for layer in mean:
-                head = int(layer[:, 0].argmax())
+                head = int(layer[:, :2].sum(-1).argmax())
                 layers.append({"head": head} | {part: round(float(v), 4) for part, v in zip(PARTS, layer[head])})
             results[qtype] = {"questions": n, "layers": layers}
     return results
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.attention:
         shares = attention_shares(args.model, args.world, args.questions)
         print(f"{args.model}: attention of the answer position (share, per layer the head that looks most at the "
-              "first-named object)")
+              "named objects)")
         print("| question | layer | head | " + " | ".join(PARTS) + " |\n|---|---:|---:|" + "---:|" * len(PARTS))
         for qtype, result in shares.items():
             for i, layer in enumerate(result["layers"]):
