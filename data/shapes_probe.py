@@ -91,15 +91,26 @@ def stage_features(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor,
     return {name: torch.cat(values) for name, values in stages.items()}
 
 
-def probe(model_dir: str, world_dir: Path, images: int = 2000) -> dict[str, dict[str, float]]:
-    """stage -> {"column": accuracy, "row": accuracy} for the objects of the first `images` training images."""
+def load(model_dir: str, world_dir: Path) -> tuple[VLM, Tokenizer, ImageProcessor, dict[str, list[dict]], int]:
+    """The model (one image token per grid cell, or exit), the world's objects per image, and a cell's side."""
     model, tokenizer, processor = load_pretrained(model_dir)
     model.eval()
     if model.cfg.vision.select_feature != "patch" or model.cfg.num_image_tokens() != GRID * GRID:
         raise SystemExit(f"{model_dir}: the probe needs one image token per grid cell ({GRID * GRID} patch tokens)")
     objects = json.loads((world_dir / "objects.json").read_text())
-    paths = [p for p in objects if Path(p).name.startswith("train_")][:images]
     cell = json.loads((world_dir / "world.json").read_text())["config"]["image_size"] // GRID
+    return model, tokenizer, processor, objects, cell
+
+
+def token_of(o: dict, cell: int) -> int:
+    """The image token an object sits on: its grid cell, row-major like the patches."""
+    return (o["y"] // cell) * GRID + o["x"] // cell
+
+
+def probe(model_dir: str, world_dir: Path, images: int = 2000) -> dict[str, dict[str, float]]:
+    """stage -> {"column": accuracy, "row": accuracy} for the objects of the first `images` training images."""
+    model, tokenizer, processor, objects, cell = load(model_dir, world_dir)
+    paths = [p for p in objects if Path(p).name.startswith("train_")][:images]
     features = stage_features(model, tokenizer, processor, [world_dir / p for p in paths])
     # (image, column, row) of every object; its image token is row * GRID + column (row-major patches)
     cells = torch.tensor([(i, o["x"] // cell, o["y"] // cell)
@@ -116,9 +127,17 @@ def named_cells(question: str, objects: list[dict], cell: int) -> list[list[int]
     def matches(name: str, o: dict) -> bool:
         return name in (f"{o['colour']} {o['shape']}", f"{o['colour']} object", o["shape"])
 
-    named = [[(o["y"] // cell) * GRID + o["x"] // cell for o in objects if matches(name, o)]
-             for name in REFERENCE.findall(question)]
+    named = [[token_of(o, cell) for o in objects if matches(name, o)] for name in REFERENCE.findall(question)]
     return named if named and all(named) else None
+
+
+def parts_of_image(named: list[list[int]], objects: list[dict], cell: int) -> list[list[int]]:
+    """The image tokens split into PARTS: the first-named object's, the second-named one's, the other objects'
+    and the background's; every token in exactly one."""
+    first, second = named[0], named[1] if len(named) > 1 else []
+    others = sorted({token_of(o, cell) for o in objects} - set(first) - set(second))
+    background = [c for c in range(GRID * GRID) if c not in first + second + others]
+    return [first, second, others, background]
 
 
 @torch.no_grad()
@@ -148,31 +167,25 @@ def attention_shares(model_dir: str, world_dir: Path, questions: int = 150) -> d
     """question type -> {"questions": n, "layers": [per layer, the head that looks most at the named objects
     (first and second together): {"head", and the share of its attention on each of PARTS}]}, over the first `questions`
     in-distribution eval questions of each type that name objects present in the image."""
-    model, tokenizer, processor = load_pretrained(model_dir)
-    model.eval()
-    if model.cfg.vision.select_feature != "patch" or model.cfg.num_image_tokens() != GRID * GRID:
-        raise SystemExit(f"{model_dir}: the probe needs one image token per grid cell ({GRID * GRID} patch tokens)")
-    objects = json.loads((world_dir / "objects.json").read_text())
-    cell = json.loads((world_dir / "world.json").read_text())["config"]["image_size"] // GRID
+    model, tokenizer, processor, objects, cell = load(model_dir, world_dir)
     records = benchmarks.load("shapes", world_dir / "eval.json").records
     template = get_template(model.cfg.template)
     results = {}
     for qtype in EVAL_TYPES:
         totals, n = None, 0
         for record in records:
+            if record["type"] != qtype or record["split"] != "in_distribution":
+                continue
             named = named_cells(record["question"], objects[record["image"]], cell)
-            if record["type"] != qtype or record["split"] != "in_distribution" or named is None:
+            if named is None:
                 continue
             conversation = [{"from": "human", "value": benchmarks.prompt("shapes", record)}]
             ids, _ = tokenize_conversation(tokenizer, template, conversation, GRID * GRID, generation_prompt=True)
             first = ids.index(model.cfg.image_token_id)
             image = last_position_attention(model, ids, processor(load_image(world_dir / record["image"])))
             image = image[..., first:first + GRID * GRID]  # (layers, heads, cells)
-            groups = [named[0], named[1] if len(named) > 1 else []]
-            groups.append([c for c in {(o["y"] // cell) * GRID + o["x"] // cell for o in objects[record["image"]]}
-                           if c not in groups[0] + groups[1]])
-            groups.append([c for c in range(GRID * GRID) if all(c not in g for g in groups)])
-            shares = torch.stack([image[..., g].sum(-1) for g in groups], dim=-1)  # (layers, heads, parts)
+            parts = parts_of_image(named, objects[record["image"]], cell)
+            shares = torch.stack([image[..., p].sum(-1) for p in parts], dim=-1)  # (layers, heads, PARTS)
             totals = shares if totals is None else totals + shares
             n += 1
             if n == questions:

@@ -273,8 +273,8 @@ def test_probe_reads_every_stage_of_a_tiny_model(init: Path, world: Path):
     assert results["vision tower"]["column"] > 0.6 and results["vision tower"]["row"] > 0.6
 
 
-def test_named_cells_follow_the_questions_references():
-    from data.shapes_probe import named_cells
+def test_named_cells_and_the_parts_of_the_image_follow_the_questions_references():
+    from data.shapes_probe import named_cells, parts_of_image
 
     objects = [{"colour": "red", "shape": "circle", "x": 12, "y": 36}, {"colour": "blue", "shape": "square", "x": 84,
                "y": 12}, {"colour": "red", "shape": "square", "x": 36, "y": 84}]  # cells (0, 1), (3, 0), (1, 3)
@@ -284,6 +284,9 @@ def test_named_cells_follow_the_questions_references():
     assert named_cells("Is there a red square in the image?", objects, 24) == [[13]]
     assert named_cells("Is there a green cross in the image?", objects, 24) is None  # absent: nothing to look at
     assert named_cells("How many objects are there?", objects, 24) is None
+    parts = parts_of_image([[3], [4]], objects, 24)
+    assert parts[:3] == [[3], [4], [13]] and sorted(sum(parts, [])) == list(range(16))  # each token once
+    assert parts_of_image([[4]], objects, 24)[:3] == [[4], [], [3, 13]]
 
 
 def test_attention_probe_reproduces_each_layers_output(init: Path, world: Path):
@@ -313,7 +316,7 @@ def test_attention_probe_reproduces_each_layers_output(init: Path, world: Path):
 
     shares = attention_shares(str(init), world, questions=4)
     assert shares["spatial"]["questions"] == 4 and "count" not in shares  # counts name no single object
-    for result in shares.values():  # the four parts split the image's share of the attention: none counted twice
+    for result in shares.values():  # shares of attention, the image's part of it at most
         for layer in result["layers"]:
             parts = [layer[part] for part in ("first named", "second named", "other objects", "background")]
             assert min(parts) >= 0 and 0 < sum(parts) <= 1 + 1e-4
