@@ -30,6 +30,7 @@ styles existed.
 import argparse
 import json
 import random
+import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
@@ -179,6 +180,21 @@ def unique(objects: list[Obj], attribute: str) -> list[Obj]:
     """The objects that their `attribute` alone ("the circle", "the red object") picks out unambiguously."""
     counts = Counter(getattr(o, attribute) for o in objects)
     return [o for o in objects if counts[getattr(o, attribute)] == 1]
+
+
+# How a question names one object: "the red circle", "a red circle", "the red object", "the circle".
+_COLOUR, _SHAPE = "|".join(COLOURS), "|".join(SHAPES)
+REFERENCE = re.compile(rf"\b(?:the|a|an) ((?:{_COLOUR}) (?:{_SHAPE})|(?:{_COLOUR}) object|(?:{_SHAPE}))\b")
+
+
+def named_objects(question: str, objects: list[dict]) -> list[list[dict]] | None:
+    """The objects of an image (objects.json's records) that each name in the question matches, in the order
+    named; None when a name matches none (an existence question answered "no") or the question names none."""
+    def matches(name: str, o: dict) -> bool:
+        return name in (f"{o['colour']} {o['shape']}", f"{o['colour']} object", o["shape"])
+
+    named = [[o for o in objects if matches(name, o)] for name in REFERENCE.findall(question)]
+    return named if named and all(named) else None
 
 
 def colour_questions(objects: list[Obj], asker: "Asker") -> list[Question]:

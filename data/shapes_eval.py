@@ -1,6 +1,7 @@
 """Scoring a model on the shapes world's eval split: exact match per question type, in-distribution and on the
 compositional hold-out (colour-shape pairs never seen in training); during training, an accuracy curve
-(`--eval_every`); across runs, tables of variants over seeds (`python -m data.shapes_eval`)."""
+(`--eval_every`); across runs, tables of variants over seeds (`python -m data.shapes_eval`), also by the size of
+the object a question names (`--by-size`)."""
 
 import argparse
 import json
@@ -18,7 +19,7 @@ from nanovlm.recipe import Run
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.vlm import VLM
 
-from .shapes import EVAL_TYPES
+from .shapes import EVAL_TYPES, SIZES, named_objects
 
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 
@@ -45,6 +46,23 @@ def score(records: list[dict], predictions: dict[str, str]) -> dict:
         scores[split] = {t: sum(v) / len(v) for t, v in sorted(by_type.items())}
         scores[split] |= {"overall": sum(everything) / len(everything), "n": len(everything)}
     return scores
+
+
+# The question types that name one object of the image (existence only when answered "yes"), by its size.
+SIZE_ROWS = [f"{qtype}, {size}" for qtype in ("colour", "shape", "size", "existence") for size in SIZES]
+
+
+def size_scores(predictions: list[dict], objects: dict[str, list[dict]]) -> dict:
+    """Exact match of the questions that name exactly one object of their image, per split, by question type
+    and that object's size: {split: {"colour, small": accuracy, ...}}. Small objects are where a finer view of
+    the image should help; `objects` is the world's objects.json (image -> objects)."""
+    hits = defaultdict(lambda: defaultdict(list))  # split -> "type, size" -> [1 or 0]
+    for p in predictions:
+        named = named_objects(p["question"], objects[p["image"]])
+        if named is not None and len(named) == 1 and len(named[0]) == 1:
+            correct = normalize_answer(p["prediction"]) == normalize_answer(p["answer"])
+            hits[p["split"]][f"{p['type']}, {named[0][0]['size']}"].append(correct)
+    return {split: {row: sum(v) / len(v) for row, v in by_row.items()} for split, by_row in hits.items()}
 
 
 def format_table(scores: dict) -> str:
@@ -130,15 +148,20 @@ def seeds_table(header: str, rows: list[str], variants: dict[str, list[dict]], v
     return "\n".join(lines)
 
 
-def seed_scores(folders: list[Path], file: str) -> dict[str, list[dict]]:
-    """Each variant folder's runs, one subfolder per seed: folder name -> the "scores" of every */`file`."""
+def seed_files(folders: list[Path], file: str) -> dict[str, list[Path]]:
+    """Each variant folder's runs, one subfolder per seed: folder name -> every */`file`."""
     variants = {}
     for folder in folders:
-        files = sorted(folder.glob(f"*/{file}"))
-        if not files:
+        variants[folder.name] = sorted(folder.glob(f"*/{file}"))
+        if not variants[folder.name]:
             raise SystemExit(f"{folder}: no */{file} (one subdirectory per seed)")
-        variants[folder.name] = [json.loads(f.read_text())["scores"] for f in files]
     return variants
+
+
+def seed_scores(folders: list[Path], file: str) -> dict[str, list[dict]]:
+    """Each variant folder's runs: folder name -> the "scores" of every */`file`."""
+    return {name: [json.loads(f.read_text())["scores"] for f in files]
+            for name, files in seed_files(folders, file).items()}
 
 
 def mean_std(values: list[float]) -> str:
@@ -180,17 +203,24 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--curve", action="store_true", help="accuracy against step, from */metrics.jsonl")
     parser.add_argument("--type", default="overall", choices=["overall", *EVAL_TYPES],
                         help="the question type of --curve")
+    parser.add_argument("--by-size", action="store_true", help="the questions that name one object, by its size "
+                        "(from the predictions in each seed's --file and the world's objects.json)")
+    parser.add_argument("--world", type=Path, default=Path("out/shapes"), help="the world of --by-size")
     args = parser.parse_args(argv)
     if args.curve:
-        variants = {}
-        for folder in args.variants:
-            files = sorted(folder.glob("*/metrics.jsonl"))
-            if not files:
-                raise SystemExit(f"{folder}: no */metrics.jsonl (one subdirectory per seed)")
-            variants[folder.name] = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
+        variants = {name: [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
+                    for name, files in seed_files(args.variants, "metrics.jsonl").items()}
         table = curve(variants, args.split, args.type)
         print(f"shapes world, {args.split}, {args.type}, exact match (%) during training, mean ± std over seeds:\n"
               f"{table}")
+    elif args.by_size:
+        objects = json.loads((args.world / "objects.json").read_text())
+        variants = {name: [size_scores(json.loads(f.read_text())["predictions"], objects) for f in files]
+                    for name, files in seed_files(args.variants, args.file).items()}
+        table = seeds_table("question, named object", SIZE_ROWS, variants,
+                            lambda run, row: run.get(args.split, {}).get(row))
+        print(f"shapes world, {args.split}, exact match (%) by the size of the object the question names, "
+              f"mean ± std over seeds:\n{table}")
     else:
         table = compare(seed_scores(args.variants, args.file), args.split)
         print(f"shapes world, {args.split}, exact match (%), mean ± std over seeds:\n{table}")

@@ -20,7 +20,6 @@ type where no head does has no lookup of the object it asks about.
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -34,11 +33,8 @@ from nanovlm.templates import get_template, tokenize_conversation
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.vlm import VLM, load_pretrained
 
-from .shapes import COLOURS, EVAL_TYPES, GRID, SHAPES
+from .shapes import EVAL_TYPES, GRID, named_objects
 
-# "the red circle", "a red circle", "the red object", "the circle": how a question names one object
-_COLOUR, _SHAPE = "|".join(COLOURS), "|".join(SHAPES)
-REFERENCE = re.compile(rf"\b(?:the|a|an) ((?:{_COLOUR}) (?:{_SHAPE})|(?:{_COLOUR}) object|(?:{_SHAPE}))\b")
 PARTS = ("first named", "second named", "other objects", "background")
 
 
@@ -124,11 +120,8 @@ def probe(model_dir: str, world_dir: Path, images: int = 2000) -> dict[str, dict
 def named_cells(question: str, objects: list[dict], cell: int) -> list[list[int]] | None:
     """The image tokens (row-major cells) of each object the question names, in the order named; None when a
     name matches no object of the image (an existence question answered "no") or the question names none."""
-    def matches(name: str, o: dict) -> bool:
-        return name in (f"{o['colour']} {o['shape']}", f"{o['colour']} object", o["shape"])
-
-    named = [[token_of(o, cell) for o in objects if matches(name, o)] for name in REFERENCE.findall(question)]
-    return named if named and all(named) else None
+    named = named_objects(question, objects)
+    return None if named is None else [[token_of(o, cell) for o in name] for name in named]
 
 
 def parts_of_image(named: list[list[int]], objects: list[dict], cell: int) -> list[list[int]]:

@@ -247,6 +247,36 @@ def test_curve_reads_the_accuracy_logged_during_training(tmp_path: Path):
     assert spatial.splitlines()[2:] == ["| 4 | 30.0 ± 7.1 |"]  # logged at step 4 only
 
 
+def test_by_size_scores_the_questions_that_name_one_object_by_its_size(tmp_path: Path):
+    """`python -m data.shapes_eval --by-size`: a question counts under the size of the one object it names."""
+    objects = {"images/eval_0.png": [{"colour": "red", "shape": "circle", "size": "small"},
+                                     {"colour": "blue", "shape": "circle", "size": "large"}]}
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "objects.json").write_text(json.dumps(objects))
+
+    def asked(question: str, qtype: str, answer: str, prediction: str) -> dict:
+        return {"image": "images/eval_0.png", "question": question, "type": qtype, "split": "in_distribution",
+                "answer": answer, "prediction": prediction}
+
+    predictions = [
+        asked("What shape is the red object?", "shape", "circle", "circle"),  # the small circle
+        asked("What shape is the blue object?", "shape", "circle", "square"),  # the large one, wrong
+        asked("Is there a red circle in the image?", "existence", "yes", "Yes."),  # small, right
+        asked("Is there a green square in the image?", "existence", "no", "no"),  # names nothing present
+        asked("What colour is the circle?", "colour", "red", "red"),  # two circles: not one object
+        asked("Is the red circle to the left of the blue circle?", "spatial", "yes", "yes"),  # names two
+    ]
+    assert shapes_eval.size_scores(predictions, objects) == {
+        "in_distribution": {"shape, small": 1.0, "shape, large": 0.0, "existence, small": 1.0}}
+    for seed, wrong in enumerate([False, True]):
+        run = [p | {"prediction": "no"} if wrong and p["type"] == "existence" else p for p in predictions]
+        (tmp_path / "A" / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / "A" / f"seed{seed}" / "eval_shapes.json").write_text(json.dumps({"predictions": run}))
+    table = shapes_eval.main([str(tmp_path / "A"), "--by-size", "--world", str(tmp_path / "world")])
+    assert "| shape, small | 100.0 ± 0.0 |" in table and "| shape, large | 0.0 ± 0.0 |" in table
+    assert "| existence, small | 50.0 ± 70.7 |" in table and "| colour, small | - |" in table
+
+
 def test_two_thousand_images_in_under_ten_seconds(tmp_path: Path):
     start = time.perf_counter()
     generate(tmp_path, ShapesConfig(num_train=1600, num_unlabeled=200, num_eval=200))
