@@ -32,7 +32,7 @@ from nanovlm.image import load_image
 from nanovlm.recipe import SHAPES_DIR
 from nanovlm.selfq import ask_questions
 from nanovlm.stic import DESCRIPTION_TOKENS, describe_and_respond
-from nanovlm.templates import get_template
+from nanovlm.templates import TEMPLATES, get_template
 from nanovlm.vlm import load_pretrained
 
 
@@ -60,6 +60,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="STIC's describe-and-respond: describe each image first, then answer with the description")
     parser.add_argument("--description_tokens", type=number(int, ">= 1"), default=DESCRIPTION_TOKENS,
                         help="longest description --dar writes")
+    parser.add_argument("--template", choices=sorted(TEMPLATES),
+                        help="answer with this chat template, not the one the model's config names (e.g. v1_sq, "
+                             "the template a SQ-LLaVA model trained with; the official evaluation uses vicuna_v1)")
     parser.add_argument("--revision", help="Hub revision of MODEL")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict | str | list[str]:
         args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     model, tokenizer, processor = load_pretrained(args.model, args.revision, dtype, args.device)
     model.eval()
+    if args.template:
+        model.cfg.template = args.template
     if args.compile:
         model.language_model.compile_decoding()
     respond = partial(describe_and_respond, description_tokens=args.description_tokens) if args.dar else answer

@@ -211,6 +211,21 @@ def test_one_question_mode(llava_dir, images, capsys):
     assert reply == expected and expected in capsys.readouterr().out
 
 
+def test_template_flag_replaces_the_saved_template(llava_dir, images, monkeypatch):
+    """--template reaches the prompt: the answering function sees the system text of the template asked for."""
+    seen = []
+
+    def spy(model, tokenizer, processor, template, items, sampling):
+        seen.append((model.cfg.template, template.system))
+        return ["x"]
+
+    monkeypatch.setattr(eval_script, "answer", spy)
+    args = [str(llava_dir), "--image", str(images / "images" / "0.png"), "--prompt", "What colour is it?"]
+    eval_script.main(args)
+    eval_script.main(args + ["--template", "v1_sq"])
+    assert seen[0][1] != seen[1][1] and seen[1] == ("v1_sq", get_template("v1_sq").system)
+
+
 @pytest.mark.slow
 def test_shapes_accuracy_equals_what_training_reported(tmp_path):
     """A short stage 2 on a small world prints its shapes table; eval.py on the saved model prints the same."""
