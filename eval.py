@@ -48,7 +48,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--allow_absolute_image_paths", action="store_true",
                         help="benchmark records may name images outside the benchmark file's folder")
     parser.add_argument("--out", help="predictions JSON (default: eval_TASK.json, eval_TASK_dar.json with --dar, "
-                        "beside a local model)")
+                        "eval_TASK_TEMPLATE.json with --template, beside a local model)")
     parser.add_argument("--image", help="answer one question about this image (with --prompt)")
     parser.add_argument("--prompt", help="the question to ask about --image")
     parser.add_argument("--temperature", type=number(float, ">= 0"), default=0.0, help="one-question mode; 0 is greedy")
@@ -135,10 +135,12 @@ def main(argv: list[str] | None = None) -> dict | str | list[str]:
     seconds = time.perf_counter() - start
     print(f"\n{args.model}, task {args.task}{' (describe-and-respond)' * args.dar}:\n{table}")
     print(f"{len(predictions)} questions in {seconds:.1f} s: {len(predictions) / seconds:.2f} questions/s")
-    out = Path(args.out) if args.out else default_out(args.model, args.task + "_dar" * args.dar)
+    # another template's answers go to their own file, beside (not over) those of the model's own template
+    suffix = "_dar" * args.dar + (f"_{args.template}" if args.template else "")
+    out = Path(args.out) if args.out else default_out(args.model, args.task + suffix)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, {"model": args.model, "task": args.task, "data": args.data, "dar": args.dar, "scores": scores,
-                     "predictions": predictions})
+    write_json(out, {"model": args.model, "task": args.task, "data": args.data, "dar": args.dar,
+                     "template": model.cfg.template, "scores": scores, "predictions": predictions})
     print(f"predictions: {out}")
     return scores
 

@@ -224,6 +224,13 @@ def test_template_flag_replaces_the_saved_template(llava_dir, images, monkeypatc
     eval_script.main(args)
     eval_script.main(args + ["--template", "v1_sq"])
     assert seen[0][1] != seen[1][1] and seen[1] == ("v1_sq", get_template("v1_sq").system)
+    # a benchmark answered with another template is written beside the model under its own name
+    monkeypatch.undo()
+    data = write_jsonl(images / "vqa_template.jsonl", [vqa_line(i) for i in range(2)])
+    eval_script.main([str(llava_dir), "--task", "vqa", "--data", str(data), "--template", "v1_sq",
+                      "--max_new_tokens", "3"])
+    assert json.loads((llava_dir / "eval_vqa_v1_sq.json").read_text())["template"] == "v1_sq"
+    assert not (llava_dir / "eval_vqa.json").exists()
 
 
 @pytest.mark.slow
