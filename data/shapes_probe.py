@@ -5,7 +5,7 @@ every object of the first `--images` training images, this takes the feature vec
 at each stage of the model: the vision tower's output, the projector's output, and the hidden state after each
 LLM layer (the image placed in the chat template as in training, under "Describe the image."). A linear
 classifier per stage learns the object's column and its row (4 classes each, chance 25%) from 80% of the
-objects and is scored on the other 20%.
+objects and is scored on the other 20%; the same at as many empty (background) cells of those images.
 
 With --attention it asks instead where the answer looks: for eval questions of each type, the attention of the
 last prompt position (the one that predicts the answer's first token), in every layer and head, split into the
@@ -104,17 +104,25 @@ def token_of(o: dict, cell: int) -> int:
 
 
 def probe(model_dir: str, world_dir: Path, images: int = 2000) -> dict[str, dict[str, float]]:
-    """stage -> {"column": accuracy, "row": accuracy} for the objects of the first `images` training images."""
+    """stage -> {"column", "row", "background column", "background row": accuracy}: the probes at the objects of
+    the first `images` training images, and at as many of their empty cells (a seeded draw). Position left on
+    the background is what an answer's attention mixes into an object's when it does not single the object out."""
     model, tokenizer, processor, objects, cell = load(model_dir, world_dir)
     paths = [p for p in objects if Path(p).name.startswith("train_")][:images]
     features = stage_features(model, tokenizer, processor, [world_dir / p for p in paths])
     # (image, column, row) of every object; its image token is row * GRID + column (row-major patches)
     cells = torch.tensor([(i, o["x"] // cell, o["y"] // cell)
                           for i, path in enumerate(paths) for o in objects[path]])
-    image_index, column, row = cells.T
-    at_objects = {name: f[image_index, row * GRID + column] for name, f in features.items()}
-    return {name: {"column": probe_accuracy(f, column), "row": probe_accuracy(f, row)}
-            for name, f in at_objects.items()}
+    empty = torch.tensor([(i, c % GRID, c // GRID) for i, path in enumerate(paths)
+                          for c in sorted(set(range(GRID * GRID)) - {token_of(o, cell) for o in objects[path]})])
+    empty = empty[torch.randperm(len(empty), generator=torch.Generator().manual_seed(0))[:len(cells)]]
+    results = {name: {} for name in features}
+    for prefix, (image_index, column, row) in (("", cells.T), ("background ", empty.T)):
+        for name, f in features.items():
+            at_cells = f[image_index, row * GRID + column]
+            results[name] |= {prefix + "column": probe_accuracy(at_cells, column),
+                              prefix + "row": probe_accuracy(at_cells, row)}
+    return results
 
 
 def named_cells(question: str, objects: list[dict], cell: int) -> list[list[int]] | None:
@@ -212,10 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
                       + " | ".join(f"{layer[part]:.2f}" for part in PARTS) + " |")
         return shares
     results = probe(args.model, args.world, args.images)
-    print(f"{args.model}: linear probes of each object's grid cell (%; chance 25)")
-    print("| stage | column | row |\n|---|---:|---:|")
+    print(f"{args.model}: linear probes of the grid cell at objects and at empty cells (%; chance 25)")
+    print("| stage | column | row | background column | background row |\n|---|---:|---:|---:|---:|")
     for name, accuracy in results.items():
-        print(f"| {name} | {100 * accuracy['column']:.1f} | {100 * accuracy['row']:.1f} |")
+        print(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in accuracy.values()) + " |")
     return results
 
 

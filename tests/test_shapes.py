@@ -301,6 +301,8 @@ def test_probe_reads_every_stage_of_a_tiny_model(init: Path, world: Path):
     assert list(results) == ["vision tower", "projector"] + [f"llm layer {i}" for i in range(1, 5)]
     # The untrained tower's sine-cosine positions reach its output: columns are far above chance (25%).
     assert results["vision tower"]["column"] > 0.6 and results["vision tower"]["row"] > 0.6
+    # Every empty cell of the untrained tower is the same background plus its position: read off perfectly.
+    assert results["vision tower"]["background column"] > 0.9 and results["vision tower"]["background row"] > 0.9
 
 
 def test_named_cells_and_the_parts_of_the_image_follow_the_questions_references():
