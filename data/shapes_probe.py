@@ -5,7 +5,8 @@ every object of the first `--images` training images, this takes the feature vec
 at each stage of the model: the vision tower's output, the projector's output, and the hidden state after each
 LLM layer (the image placed in the chat template as in training, under "Describe the image."). A linear
 classifier per stage learns the object's column and its row (4 classes each, chance 25%) from 80% of the
-objects and is scored on the other 20%; the same at as many empty (background) cells of those images.
+objects and is scored on the other 20%; the same at as many empty (background) cells of those images. Beside
+each probe, the position's share of the features: how large the cell's code is against all a token carries.
 
 With --attention it asks instead where the answer looks: for eval questions of each type, the attention of the
 last prompt position (the one that predicts the answer's first token), in every layer and head, split into the
@@ -57,6 +58,17 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, steps: int = 40
         return ((x[n:] @ weight + bias).argmax(1) == y[n:]).float().mean().item()
 
 
+def position_share(features: torch.Tensor, cells: torch.Tensor) -> float:
+    """How much of `features` (N, D) is a code of their grid cell `cells` (N,): the RMS of the per-cell means
+    about their overall mean, less the spread that sampling alone gives means of that many rows, over the
+    features' RMS. A probe can read a cell off perfectly from a code of any size; this says how large the code
+    is beside everything else a token carries, which is what an attention that leaks onto a token mixes in."""
+    means = torch.stack([features[cells == c].mean(0) for c in cells.unique()])
+    sampling = torch.stack([features[cells == c].var(0).sum() / (cells == c).sum() for c in cells.unique()]).mean()
+    between = ((means - means.mean(0)) ** 2).sum(1).mean() - sampling
+    return (between.clamp(min=0) / (features ** 2).sum(1).mean()).sqrt().item()
+
+
 @torch.no_grad()
 def stage_features(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor,
                    image_paths: list[Path]) -> dict[str, torch.Tensor]:
@@ -104,9 +116,10 @@ def token_of(o: dict, cell: int) -> int:
 
 
 def probe(model_dir: str, world_dir: Path, images: int = 2000) -> dict[str, dict[str, float]]:
-    """stage -> {"column", "row", "background column", "background row": accuracy}: the probes at the objects of
-    the first `images` training images, and at as many of their empty cells (a seeded draw). Position left on
-    the background is what an answer's attention mixes into an object's when it does not single the object out."""
+    """stage -> {"column", "row", "position share", and the same three prefixed "background "}: the probes'
+    accuracies and `position_share` at the objects of the first `images` training images, and at as many of
+    their empty cells (a seeded draw). Position left on the background is what an answer's attention mixes into
+    an object's when it does not single the object out."""
     model, tokenizer, processor, objects, cell = load(model_dir, world_dir)
     paths = [p for p in objects if Path(p).name.startswith("train_")][:images]
     features = stage_features(model, tokenizer, processor, [world_dir / p for p in paths])
@@ -121,7 +134,8 @@ def probe(model_dir: str, world_dir: Path, images: int = 2000) -> dict[str, dict
         for name, f in features.items():
             at_cells = f[image_index, row * GRID + column]
             results[name] |= {prefix + "column": probe_accuracy(at_cells, column),
-                              prefix + "row": probe_accuracy(at_cells, row)}
+                              prefix + "row": probe_accuracy(at_cells, row),
+                              prefix + "position share": position_share(at_cells, row * GRID + column)}
     return results
 
 
@@ -220,10 +234,12 @@ def main(argv: list[str] | None = None) -> dict:
                       + " | ".join(f"{layer[part]:.2f}" for part in PARTS) + " |")
         return shares
     results = probe(args.model, args.world, args.images)
-    print(f"{args.model}: linear probes of the grid cell at objects and at empty cells (%; chance 25)")
-    print("| stage | column | row | background column | background row |\n|---|---:|---:|---:|---:|")
-    for name, accuracy in results.items():
-        print(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in accuracy.values()) + " |")
+    print(f"{args.model}: linear probes of the grid cell at objects and at empty cells (%; chance 25), and the "
+          "position's share of the features (%)")
+    print("| stage | column | row | position share | background column | background row | background position "
+          "share |\n|---|---:|---:|---:|---:|---:|---:|")
+    for name, values in results.items():
+        print(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in values.values()) + " |")
     return results
 
 

@@ -294,6 +294,18 @@ def test_probe_finds_a_linear_code_and_not_noise():
     assert probe_accuracy(torch.randn(400, 32), labels) < 0.45
 
 
+def test_position_share_measures_the_size_of_a_cell_code():
+    from data.shapes_probe import position_share
+
+    generator = torch.Generator().manual_seed(0)
+    cells = torch.arange(4000) % 16
+    content, code = torch.randn(4000, 64, generator=generator), torch.randn(16, 64, generator=generator)
+    for scale in (0.0, 0.3, 1.0):
+        features = content + scale * code[cells]
+        expected = (scale * code[cells]).pow(2).sum(1).mean().div(features.pow(2).sum(1).mean()).sqrt().item()
+        assert abs(position_share(features, cells) - expected) < 0.03
+
+
 def test_probe_reads_every_stage_of_a_tiny_model(init: Path, world: Path):
     from data.shapes_probe import probe
 
@@ -303,6 +315,8 @@ def test_probe_reads_every_stage_of_a_tiny_model(init: Path, world: Path):
     assert results["vision tower"]["column"] > 0.6 and results["vision tower"]["row"] > 0.6
     # Every empty cell of the untrained tower is the same background plus its position: read off perfectly.
     assert results["vision tower"]["background column"] > 0.9 and results["vision tower"]["background row"] > 0.9
+    # The sine-cosine positions added to every patch are a sizeable part of the untrained tower's output.
+    assert min(results["vision tower"]["background position share"], results["vision tower"]["position share"]) > 0.1
 
 
 def test_named_cells_and_the_parts_of_the_image_follow_the_questions_references():
