@@ -43,7 +43,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python data/shapes.py` finds the packages
 from data.shapes_draw import COLOURS, draw, draw_outline  # noqa: E402
 
-VERSION = 2  # bump when the output changes, so that a stale world.json is not reused
+VERSION = 9  # bump when the output changes, so that a stale world.json is not reused
 STYLES = ("solid", "outline")  # domains A and B, drawn by data/shapes_draw.py
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
@@ -62,8 +62,9 @@ POPE_KINDS = ("random", "popular", "adversarial")
 POPE_TOP_K = 3  # popular / adversarial negatives come from the top-k absent pairs
 FOCUS_PROB = 0.8  # how often a hold-out image's question is about its held-out object, when one can be
 EVAL_TYPES = ("colour", "shape", "count", "size", "spatial", "existence")
-INSTRUCT_TYPES = {t: 1.0 for t in EVAL_TYPES} | {"caption": 0.4}  # how often a conversation turn asks each type
-BALANCED_TYPES = {"count", "spatial", "existence"}  # answers as even as the images allow: no free guesses
+# How often a conversation turn asks each type: relations three times as often, as they are learnt last
+INSTRUCT_TYPES = {t: 1.0 for t in EVAL_TYPES} | {"spatial": 3.0, "caption": 0.4}
+BALANCED_TYPES = {"count", "existence"}  # answers as even as the images allow: no free guesses
 EVAL_QUESTIONS_PER_IMAGE = 3
 CAPTION_PROMPTS = (
     "Describe the image briefly.", "What is in this picture?", "List the objects in the image.",
@@ -97,6 +98,8 @@ class Obj:
     x: int  # centre, in pixels
     y: int
     r: int  # half side of the bounding box
+    column: int  # its grid cell, which orders captions and scans: the pixel of jitter is not for the model to see
+    row: int
 
     @property
     def pair(self) -> str:
@@ -149,7 +152,7 @@ def place(rng: random.Random, pair: str, size: str, cell: tuple[int, int], cell_
     r = round(SIZES[size] * cell_size)
     jitter = min(JITTER, cell_size // 2 - r - MIN_GAP)  # keeps a free margin around the box, inside the cell
     x, y = (c * cell_size + cell_size // 2 + rng.randint(-jitter, jitter) for c in cell)
-    return Obj(colour, shape, size, x, y, r)
+    return Obj(colour, shape, size, x, y, r, *cell)
 
 
 def sample_scene(rng: random.Random, world: World, cfg: "ShapesConfig", holdout: bool) -> list[Obj]:
@@ -170,8 +173,9 @@ def render(objects: list[Obj], cfg: "ShapesConfig", path: str) -> Image.Image:
 
 
 def caption(objects: list[Obj]) -> str:
-    """Every object in reading order, left to right: "A large red circle, a small blue square and a ..."."""
-    phrases = [f"a {o.size} {o.pair}" for o in sorted(objects, key=lambda o: (o.x, o.y))]
+    """Every object column by column from the left, top to bottom within a column: "A large red circle, a small
+    blue square and a ..."."""
+    phrases = [f"a {o.size} {o.pair}" for o in sorted(objects, key=lambda o: (o.column, o.row))]
     text = phrases[-1] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return text[0].upper() + text[1:] + "."
 
@@ -224,15 +228,31 @@ def count_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
     return questions
 
 
+# A relation is asked as a choice between two objects and answered by a scan in the relation's direction that
+# stops at the first of the two: "Which is further left, the red circle or the blue square?" -> "From the left:
+# green triangle, blue square."
+# The scan goes cell by cell: from the left, column by column and top to bottom within a column; from the top,
+# row by row and left to right within a row; from the right or the bottom, mirrored.
+SCANS = {"further left": ("left", lambda o: (o.column, o.row)),
+         "further right": ("right", lambda o: (-o.column, o.row)),
+         "higher": ("top", lambda o: (o.row, o.column)),
+         "lower": ("bottom", lambda o: (-o.row, o.column))}
+
+
 def spatial_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
-    relations = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)}
     questions = []
     for a, b in permutations(unique(objects, "pair"), 2):
-        for relation, (axis, sign) in relations.items():
-            offset = ((a.x, a.y)[axis] - (b.x, b.y)[axis]) * sign  # > 0 when the relation holds
-            if abs(offset) >= SPATIAL_MARGIN * asker.cell_size:  # objects in one column (row) are not compared
-                text = f"Is the {a.pair} {relation} the {b.pair}?"
-                questions.append(Question("spatial", text, "yes" if offset > 0 else "no", (a.pair, b.pair)))
+        for relation, (side, key) in SCANS.items():
+            axis = 0 if side in ("left", "right") else 1
+            if abs((a.x, a.y)[axis] - (b.x, b.y)[axis]) < SPATIAL_MARGIN * asker.cell_size:
+                continue  # objects in one column (row) are not compared
+            scan = []
+            for o in sorted(objects, key=key):
+                scan.append(o.pair)
+                if o in (a, b):
+                    break
+            questions.append(Question("spatial", f"Which is {relation}, the {a.pair} or the {b.pair}?",
+                                      f"From the {side}: {', '.join(scan)}.", (a.pair, b.pair)))
     return questions
 
 

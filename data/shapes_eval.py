@@ -88,7 +88,7 @@ def evaluate(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, world_
 def evaluate_benchmark(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor, benchmark: benchmarks.Benchmark,
                        batch_size: int = 64, progress: bool = True, respond=answer) -> tuple[dict, list[dict]]:
     model.eval()
-    answers = benchmarks.predict(model, tokenizer, processor, benchmark, Sampling(max_new_tokens=24), batch_size,
+    answers = benchmarks.predict(model, tokenizer, processor, benchmark, Sampling(max_new_tokens=40), batch_size,
                                  progress, respond)
     predictions = [r | {"prediction": a} for r, a in zip(benchmark.records, answers)]
     return score(benchmark.records, {r["id"]: r["prediction"] for r in predictions}), predictions

@@ -90,7 +90,7 @@ def stage_features(model: VLM, tokenizer: Tokenizer, processor: ImageProcessor,
     try:
         for start in range(0, len(image_paths), 64):
             pixels = torch.stack([processor(load_image(p)) for p in image_paths[start:start + 64]])
-            model.language_model(model.embed(torch.tensor([ids] * len(pixels)), pixels))
+            model.hidden(torch.tensor([ids] * len(pixels)), pixels)
             for name, value in outputs.items():
                 stages[name].append((value[:, image_slice] if name in llm_stages else value).float())
     finally:
@@ -171,7 +171,7 @@ def last_position_attention(model: VLM, ids: list[int], pixels: torch.Tensor) ->
 
     hooks = [block.self_attn.register_forward_pre_hook(record) for block in model.language_model.layers]
     try:
-        model.language_model(model.embed(torch.tensor([ids]), pixels[None]))
+        model.hidden(torch.tensor([ids]), pixels[None])
     finally:
         for hook in hooks:
             hook.remove()

@@ -41,7 +41,7 @@ def caption_logprobs(model: VLM, tokenizer: Tokenizer, pixels: torch.Tensor, cap
     batch = collate(samples, tokenizer.pad_id)
     device = model.language_model.embed_tokens.weight.device
     ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-    hidden = model.language_model(model.embed(ids, pixels.to(device, model.language_model.embed_tokens.weight.dtype)))
+    hidden = model.hidden(ids, pixels.to(device, model.language_model.embed_tokens.weight.dtype))
     targets = labels[:, 1:]
     keep = targets != -100
     logits = model.language_model.lm_head(hidden[:, :-1][keep])  # only the caption positions, as VLM.loss does

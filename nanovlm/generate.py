@@ -84,7 +84,7 @@ def generate(model: VLM, tokenizer: Tokenizer, prompts: list[list[int]], pixel_v
         mask = (causal & valid[:, None, None, :keys]) | itself  # (B, 1, L, keys)
     embeds = model.embed(ids, pixel_values)
     cache = KVCache(llm.cfg, B, total, device, embeds.dtype, static)
-    logits = llm.lm_head(llm(embeds, position_ids, mask, cache)[:, -1])  # (B, vocab)
+    logits = llm.lm_head(llm(embeds, position_ids, mask, cache, model.grid(ids))[:, -1])  # (B, vocab)
     decode = llm.compiled_decode or llm.decode
     next_position = position_ids[:, -1] + 1
     stops = StopStrings(tokenizer, sampling.stop_strings)

@@ -3,7 +3,8 @@
 Each block is x = x + attn(rmsnorm(x)); x = x + mlp(rmsnorm(x)), with
 - RMSNorm: x / sqrt(mean(x^2) + eps) * w, computed in float32;
 - rotary position embeddings in the rotate-half layout, inv_freq_i = theta^(-2i/d), optionally rescaled by
-  Llama-3's `rope_scaling` (long wavelengths divided by `factor`, a smooth ramp between);
+  Llama-3's `rope_scaling` (long wavelengths divided by `factor`, a smooth ramp between); with `grid_rope` (the
+  tiny preset only) some pairs turn with an image token's row and column instead (`LLM.rope`);
 - grouped-query attention: `num_key_value_heads` key/value heads shared by groups of query heads;
 - SwiGLU MLP: down(silu(gate(x)) * up(x)).
 Module names follow the Hugging Face checkpoints with `model.` stripped, so loading is a fixed rename.
@@ -39,6 +40,8 @@ class LLMConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     model_type: str = "llama"
+    # The tiny preset's 2-D rotary position for image tokens (not in any checkpoint on the Hub): see `rope`.
+    grid_rope: bool = False
     extra: dict = field(default_factory=dict)  # other checkpoint config keys, written back on save
 
     def __post_init__(self) -> None:
@@ -71,7 +74,10 @@ class LLMConfig:
         return cls(**fields, rope_theta=theta, rope_scaling=scaling, extra=extra)
 
     def to_hf(self) -> dict:
-        hf = {k: v for k, v in asdict(self).items() if k not in ("extra", "rope_scaling")}
+        """config.json's fields; `grid_rope` only when on (transformers' Llama has no such field, and a model
+        with it loads in nanovlm only)."""
+        skip = ("extra", "rope_scaling") + (() if self.grid_rope else ("grid_rope",))
+        hf = {k: v for k, v in asdict(self).items() if k not in skip}
         hf |= {"hidden_act": "silu", "rope_scaling": self.rope_scaling, "architectures": ["LlamaForCausalLM"]}
         return self.extra | hf
 
@@ -212,21 +218,39 @@ class LLM(nn.Module):
         self.gradient_checkpointing = False
         self.compiled_decode = None  # set by compile_decoding()
 
-    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin (-sin, sin) of shape (B, 1, T, head_dim), computed in float32 like the reference."""
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype,
+             grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (-sin, sin) of shape (B, 1, T, head_dim), computed in float32 like the reference.
+
+        With `grid_rope`, the frequency pairs take turns (row, column, sequence, row, ...: the grid gets the
+        fastest, as its coordinates span a few cells): row pairs turn with the token's image row, column pairs
+        with its column, the rest with its place in the sequence. grid (B, T, 2) holds each image token's (row,
+        column), 0 for text (None: all text). So a text token's query meets an image token's key turned by that
+        token's row and column, whatever the text's distance from the image, and attention can prefer an object
+        by where it is without the place passing through the tower, the projector or the values.
+        """
         inv_freq = rope_inv_freq(self.cfg, position_ids.device)  # (head_dim / 2,)
-        freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim / 2)
+        positions = position_ids[..., None].float()  # (B, T, 1)
+        if self.cfg.grid_rope:
+            if grid is None:
+                grid = torch.zeros(*position_ids.shape, 2, dtype=torch.long, device=position_ids.device)
+            axis = (torch.arange(len(inv_freq), device=position_ids.device) + 1) % 3  # 1 row, 2 column, 0 sequence
+            coordinates = torch.cat([positions, grid.float()], dim=-1)  # (B, T, 3): sequence, row, column
+            positions = coordinates[..., axis]  # (B, T, head_dim / 2)
+        freqs = positions * inv_freq  # (B, T, head_dim / 2)
         # (B, 1, T, head_dim), the rotate-half layout; cos(-f) = cos(f) and sin(-f) = -sin(f) give the signed sin
         angles = torch.cat([-freqs, freqs], dim=-1)[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                grid: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings (B, T, D) -> final normalised hidden states (B, T, D); apply `lm_head` for logits.
 
         Callers that need only some logits (the loss on answer tokens, the last position when generating)
         project only those. mask: None for plain causal attention (training batches are right-padded), else
-        a boolean (B, 1, T, cached + T) tensor, True where a query may attend.
+        a boolean (B, 1, T, cached + T) tensor, True where a query may attend. grid: the image tokens' (row,
+        column) with `grid_rope` (`rope`).
         """
         B, T, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
@@ -234,7 +258,7 @@ class LLM(nn.Module):
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
         if mask is None and (past > 0 and T > 1 or cache is not None and cache.static):
             raise ValueError("a multi-token step after the prefill, or any step with a static cache, needs a mask")
-        cos, sin = self.rope(position_ids, inputs_embeds.dtype)  # (B, 1, T, head_dim)
+        cos, sin = self.rope(position_ids, inputs_embeds.dtype, grid)  # (B, 1, T, head_dim)
         x = inputs_embeds  # (B, T, D) all the way through
         for block in self.layers:
             if self.gradient_checkpointing and self.training:

@@ -44,6 +44,15 @@ TEMPLATES: dict[str, Template] = {
         assistant=" {}</s>",
         stop_str="</s>",
     ),
+    # vicuna_v1 without the system prompt: the tiny preset's template. A model trained from scratch learns nothing
+    # from a constant preamble, and on the shapes world its 29 tokens were a quarter of every stage-2 sequence.
+    "vicuna_v1_bare": Template(
+        name="vicuna_v1_bare",
+        system="",
+        user="USER: {} ASSISTANT:",
+        assistant=" {}</s>",
+        stop_str="</s>",
+    ),
     # SQ-LLaVA (Sun et al., 2024): vicuna_v1 plus a visual user, VUSER, whose questions the model learns to ask.
     # The second paragraph of the system prompt is this project's wording of the official one's meaning.
     "v1_sq": Template(

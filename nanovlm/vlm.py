@@ -184,9 +184,28 @@ class VLM(nn.Module):
             embeds = embeds.masked_scatter(is_image[..., None], features)
         return embeds
 
+    def grid(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, T, 2): each image token's (row, column) in its view's patch grid, 0 for text and class tokens;
+        None unless the LLM turns its rotary position by them (`LLMConfig.grid_rope`)."""
+        if not self.cfg.llm.grid_rope:
+            return None
+        views, rows, columns = self.cfg.image_grid()
+        cls = int(self.cfg.vision.select_feature == "cls_patch")
+        patch = torch.arange(rows * columns, device=input_ids.device)
+        view = torch.stack([patch // columns, patch % columns], dim=-1)  # (rows * columns, 2), row-major
+        image = torch.cat([torch.zeros(cls, 2, dtype=torch.long, device=input_ids.device), view]).repeat(views, 1)
+        is_image = input_ids == self.cfg.image_token_id  # (B, T)
+        grid = torch.zeros(*input_ids.shape, 2, dtype=torch.long, device=input_ids.device)
+        # every image's tokens are one run of num_image_tokens() ids, in order: the k-th of a run is image[k]
+        return grid.masked_scatter(is_image[..., None], image.repeat(int(is_image.sum()) // len(image), 1))
+
+    def hidden(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """The LLM's final normalised hidden states (B, T, D) of a right-padded batch."""
+        return self.language_model(self.embed(input_ids, pixel_values), grid=self.grid(input_ids))
+
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) of a right-padded batch."""
-        return self.language_model.lm_head(self.language_model(self.embed(input_ids, pixel_values)))
+        return self.language_model.lm_head(self.hidden(input_ids, pixel_values))
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None,
              reduction: str = "mean") -> torch.Tensor:
@@ -195,7 +214,7 @@ class VLM(nn.Module):
         Only those positions are projected to the vocabulary: in a LLaVA batch most positions are image,
         system or question tokens, so this saves most of the lm_head's time and memory.
         """
-        hidden = self.language_model(self.embed(input_ids, pixel_values))  # (B, T, D)
+        hidden = self.hidden(input_ids, pixel_values)  # (B, T, D)
         targets = labels[:, 1:]  # (B, T - 1): position t predicts token t + 1
         keep = targets != -100  # (B, T - 1), K positions true
         logits = self.language_model.lm_head(hidden[:, :-1][keep])  # (K, D) -> (K, vocab)

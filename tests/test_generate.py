@@ -13,9 +13,13 @@ IMAGE = 1023
 N_IMAGE_TOKENS = 16
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return VLM.from_pretrained(str(hub_models.llava(tmp_path_factory.mktemp("llava"), image_token_id=IMAGE))).eval()
+@pytest.fixture(scope="module", params=[False, True], ids=["rope", "grid_rope"])
+def model(tmp_path_factory, request):
+    """llava-hf's LLaVA, and the same with the tiny preset's 2-D rotary position for image tokens (their rows and
+    columns ride along the cache only at the prefill)."""
+    model = VLM.from_pretrained(str(hub_models.llava(tmp_path_factory.mktemp("llava"), image_token_id=IMAGE))).eval()
+    model.cfg.llm.grid_rope = request.param
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import hub_models
-from nanovlm.llm import LLM, KVCache, LLMConfig, rope_inv_freq
+from nanovlm.llm import LLM, KVCache, LLMConfig, rope_inv_freq, rotate
 from nanovlm.tokenizer import Tokenizer
 from nanovlm.vision import VisionConfig, VisionTower
 from nanovlm.vlm import VLM, VLMConfig
@@ -138,6 +139,34 @@ def test_token_by_token_decoding_with_a_cache_equals_one_full_pass():
         steps = [llm(embeds[:, t:t + 1], cache=cache) for t in range(5, 12)]
     assert cache.length == 12
     assert (torch.cat([prefill, *steps], dim=1) - whole).abs().max() <= 1e-5
+
+
+def test_grid_rope_turns_image_keys_by_their_cell_not_by_the_distance():
+    """With grid_rope, a text query meets an image key through pairs turned by the key's row and column: moving
+    the query along the text leaves those scores alone, moving the key to another cell changes them; and with no
+    image in the batch the model is plain RoPE on the sequence pairs (row and column pairs never turn)."""
+    cfg = LLMConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
+                    num_key_value_heads=1, grid_rope=True)
+    llm = LLM(cfg)
+    axis = (torch.arange(cfg.head_dim // 2) + 1) % 3  # 1 row, 2 column, 0 sequence, as LLM.rope assigns them
+    grid_pairs = (axis != 0).repeat(2)  # the rotate-half layout: pair i is dims i and i + head_dim / 2
+    q = k = grid_pairs.float()  # the score is then the sum of cos(angle) over the grid's pairs, twice
+
+    def score(query_position, key_position, cell):
+        positions = torch.tensor([[key_position, query_position]])
+        grid = torch.tensor([[cell, [0, 0]]])
+        cos, sin = llm.rope(positions, torch.float32, grid)  # (1, 1, 2, head_dim)
+        return float(rotate(q, cos[0, 0, 1], sin[0, 0, 1]) @ rotate(k, cos[0, 0, 0], sin[0, 0, 0]))
+
+    assert score(20, 3, [1, 2]) == pytest.approx(score(90, 3, [1, 2]), abs=1e-5)
+    assert score(20, 3, [1, 2]) == pytest.approx(score(20, 7, [1, 2]), abs=1e-5)
+    assert abs(score(20, 3, [1, 2]) - score(20, 3, [1, 3])) > 0.1
+    assert abs(score(20, 3, [1, 2]) - score(20, 3, [2, 2])) > 0.1
+    text = torch.arange(10)[None]
+    cos, sin = llm.rope(text, torch.float32)
+    plain_cos, plain_sin = LLM(replace(cfg, grid_rope=False)).rope(text, torch.float32)
+    sequence = (axis == 0).repeat(2)
+    assert torch.equal(cos[..., sequence], plain_cos[..., sequence]) and (cos[..., ~sequence] == 1).all()
 
 
 def test_llama3_rope_scaling_is_applied():

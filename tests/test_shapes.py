@@ -64,13 +64,19 @@ def expected_answer(question: str, objects: list[dict], cell_size: int) -> str:
         return str(sum(PLURALS[o["shape"]] == m[1] for o in objects))
     if m := re.fullmatch(r"Is there an? (\w+ \w+) in the image\?", question):
         return "yes" if any(f"{o['colour']} {o['shape']}" == m[1] for o in objects) else "no"
-    if m := re.fullmatch(r"Is the (\w+ \w+) (to the left of|to the right of|above|below) the (\w+ \w+)\?", question):
-        a, b = find(objects, m[1]), find(objects, m[3])
-        axis = "x" if "left" in m[2] or "right" in m[2] else "y"
-        offset = a[axis] - b[axis]
-        assert abs(offset) >= cell_size / 2, "spatial questions compare different columns (rows)"
-        holds = offset < 0 if m[2] in ("to the left of", "above") else offset > 0
-        return "yes" if holds else "no"
+    relation = r"Which is (further left|further right|higher|lower), the (\w+ \w+) or the (\w+ \w+)\?"
+    if m := re.fullmatch(relation, question):
+        a, b = find(objects, m[2]), find(objects, m[3])
+        axis, sign, side = {"further left": ("x", 1, "left"), "further right": ("x", -1, "right"),
+                            "higher": ("y", 1, "top"), "lower": ("y", -1, "bottom")}[m[1]]
+        assert abs(a[axis] - b[axis]) >= cell_size / 2, "spatial questions compare different columns (rows)"
+        answer = min(a, b, key=lambda o: sign * o[axis])
+        # the scan from that side: every object met before the answer, then the answer
+        along, across = (axis, "y" if axis == "x" else "x")
+        # cell by cell from that side (within a column or row, from the top or the left), up to the answer
+        order = sorted(objects, key=lambda o: (sign * (o[along] // cell_size), o[across] // cell_size))
+        scan = order[: order.index(answer) + 1]
+        return f"From the {side}: {', '.join(o['colour'] + ' ' + o['shape'] for o in scan)}."
     raise AssertionError(f"unexpected question: {question!r}")
 
 
@@ -153,10 +159,10 @@ def test_answers_follow_from_the_objects(world_dir: Path):
                 assert gpt["value"] == expected_answer(question, objects[record["image"]], cell_size), question
 
 
-def test_captions_list_objects_left_to_right(world_dir: Path):
-    objects = objects_of(world_dir)
+def test_captions_list_objects_column_by_column(world_dir: Path):
+    objects, cell_size = objects_of(world_dir), SMALL.image_size // GRID
     for record in load(world_dir, "captions.json")[:50]:
-        ordered = sorted(objects[record["image"]], key=lambda o: (o["x"], o["y"]))
+        ordered = sorted(objects[record["image"]], key=lambda o: (o["x"] // cell_size, o["y"] // cell_size))
         phrases = [f"{o['size']} {o['colour']} {o['shape']}" for o in ordered]
         assert re.findall(r"(?:small|large) \w+ \w+", record["conversations"][1]["value"]) == phrases
 
@@ -167,12 +173,15 @@ def test_yes_no_balanced(world_dir: Path, name: str):
     if name == "eval.json":
         assert {r.get("pope") for r in records if r["type"] == "existence"} == {"random", "popular", "adversarial"}
         answers = [r["answer"] for r in records if r["type"] == "existence"]
-        spatial = [r["answer"] for r in records if r["type"] == "spatial"]
+        spatial = [(r["question"], r["answer"]) for r in records if r["type"] == "spatial"]
     else:
-        turns = [t["value"] for r in records for t in r["conversations"]]
+        turns = [t["value"].removeprefix("<image>\n") for r in records for t in r["conversations"]]
         answers = [a for q, a in zip(turns[::2], turns[1::2]) if q.startswith("Is there")]
-        spatial = [a for q, a in zip(turns[::2], turns[1::2]) if re.search(r"left of|right of|above|below", q)]
-    for values in (answers, spatial):
+        spatial = [(q, a) for q, a in zip(turns[::2], turns[1::2]) if q.startswith("Which is")]
+    # a relation's answer is the object its scan stops at: the first-named one about half of the time
+    first_named = ["yes" if a.removesuffix(".").endswith(re.search(r"the (\w+ \w+) or", q)[1]) else "no"
+                   for q, a in spatial]
+    for values in (answers, first_named):
         assert len(values) >= 20
         assert abs(values.count("yes") / len(values) - 0.5) <= 0.1
 
@@ -264,7 +273,8 @@ def test_by_size_scores_the_questions_that_name_one_object_by_its_size(tmp_path:
         asked("Is there a red circle in the image?", "existence", "yes", "Yes."),  # small, right
         asked("Is there a green square in the image?", "existence", "no", "no"),  # names nothing present
         asked("What colour is the circle?", "colour", "red", "red"),  # two circles: not one object
-        asked("Is the red circle to the left of the blue circle?", "spatial", "yes", "yes"),  # names two
+        asked("Which is further left, the red circle or the blue circle?", "spatial", "From the left: red circle.",
+              "From the left: red circle."),  # names two
     ]
     assert shapes_eval.size_scores(predictions, objects) == {
         "in_distribution": {"shape, small": 1.0, "shape, large": 0.0, "existence, small": 1.0}}
