@@ -37,6 +37,10 @@ RENDERED = {
     "mistral_instruct": "[INST] <image>\nWhat is in the picture? [/INST] A white cat sits on the mat.</s>"
     "[INST] What color is the chair? [/INST] It is red.</s>"
     "[INST] Describe the street. [/INST] Two dogs and a child, near 12 cars.</s>",
+    # The tiny preset's: vicuna_v1 from its first "USER:" on.
+    "vicuna_v1_bare": "USER: <image>\nWhat is in the picture? "
+    "ASSISTANT: A white cat sits on the mat.</s>USER: What color is the chair? ASSISTANT: It is red.</s>"
+    "USER: Describe the street. ASSISTANT: Two dogs and a child, near 12 cars.</s>",
     # Without VUSER turns, v1_sq is vicuna_v1 with a longer system prompt (VUSER turns: tests/test_selfq.py).
     "v1_sq": get_template("v1_sq").system + "USER: <image>\nWhat is in the picture? "
     "ASSISTANT: A white cat sits on the mat.</s>USER: What color is the chair? ASSISTANT: It is red.</s>"
@@ -46,6 +50,7 @@ TRAINED = {  # the exact text of each loss span
     "plain": [a + "\n" for a in ANSWERS],
     "plain_prompt": [a + "\n" for a in ANSWERS],
     "vicuna_v1": [f" {a}</s>" for a in ANSWERS],
+    "vicuna_v1_bare": [f" {a}</s>" for a in ANSWERS],
     "chatml": [f"{a}<|im_end|>" for a in ANSWERS],
     "mistral_instruct": [f" {a}</s>" for a in ANSWERS],
     "v1_sq": [f" {a}</s>" for a in ANSWERS],
@@ -54,6 +59,7 @@ GENERATION_PROMPT_END = {
     "plain": "It is red.\n",
     "plain_prompt": "It is red.\nDescribe the street.\n",
     "vicuna_v1": "USER: Describe the street. ASSISTANT:",
+    "vicuna_v1_bare": "USER: Describe the street. ASSISTANT:",
     "chatml": "<|im_start|>user\nDescribe the street.<|im_end|>\n<|im_start|>assistant\n",
     "mistral_instruct": "[INST] Describe the street. [/INST]",
     "v1_sq": "USER: Describe the street. ASSISTANT:",
