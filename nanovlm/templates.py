@@ -5,7 +5,7 @@ and starting with a human turn. The assistant answers carry loss; so do the ques
 (a "vuser" turn in place of a later human turn, `v1_sq` template only; see nanovlm/selfq.py).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .tokenizer import IMAGE_PLACEHOLDER, Tokenizer
 
@@ -30,6 +30,8 @@ class Template:
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
+VICUNA_V1 = Template(name="vicuna_v1", system=VICUNA_SYSTEM + " ", user="USER: {} ASSISTANT:", assistant=" {}</s>",
+                     stop_str="</s>")
 
 TEMPLATES: dict[str, Template] = {
     "plain": Template(name="plain", system="", user="{}", assistant="{}\n", stop_str="\n", image_only_user=True),
@@ -37,31 +39,17 @@ TEMPLATES: dict[str, Template] = {
     # in `plain`, so that ICCC's captioning samples are stage 1's (nanovlm/iccc.py)
     "plain_prompt": Template(name="plain_prompt", system="", user="{}\n", assistant="{}\n", stop_str="\n",
                              user_image_alone="{}"),
-    "vicuna_v1": Template(
-        name="vicuna_v1",
-        system=VICUNA_SYSTEM + " ",
-        user="USER: {} ASSISTANT:",
-        assistant=" {}</s>",
-        stop_str="</s>",
-    ),
+    "vicuna_v1": VICUNA_V1,
     # vicuna_v1 without the system prompt: the tiny preset's template. A model trained from scratch learns nothing
     # from a constant preamble, and on the shapes world its 29 tokens were a quarter of every stage-2 sequence.
-    "vicuna_v1_bare": Template(
-        name="vicuna_v1_bare",
-        system="",
-        user="USER: {} ASSISTANT:",
-        assistant=" {}</s>",
-        stop_str="</s>",
-    ),
+    "vicuna_v1_bare": replace(VICUNA_V1, name="vicuna_v1_bare", system=""),
     # SQ-LLaVA (Sun et al., 2024): vicuna_v1 plus a visual user, VUSER, whose questions the model learns to ask.
     # The second paragraph of the system prompt is this project's wording of the official one's meaning.
-    "v1_sq": Template(
+    "v1_sq": replace(
+        VICUNA_V1,
         name="v1_sq",
         system=VICUNA_SYSTEM + " The assistant is also a curious visual user: looking at the image, it asks "
         "complex questions that the image itself answers, and never asks about details it cannot be sure of. ",
-        user="USER: {} ASSISTANT:",
-        assistant=" {}</s>",
-        stop_str="</s>",
         vuser_prefix="VUSER:",
         vuser_question=" {}</s>",
         vuser_suffix=" ASSISTANT:",

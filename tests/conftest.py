@@ -134,6 +134,9 @@ def init(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from train_align import shapes_corpus
 
     model, tokenizer, processor = tiny_model(shapes_corpus(world, "vicuna_v1"))
+    # LLaVA's 1-D rotary position, not the tiny preset's grid_rope, which transformers' Llama does not have: the
+    # tests that read this checkpoint with transformers (PEFT, FSDP, llava-hf) compare logits with it.
+    model.cfg.llm.grid_rope = False
     out = tmp_path_factory.mktemp("init")
     model.save_pretrained(out, tokenizer, processor)
     return out

@@ -180,7 +180,8 @@ def test_new_extractor_assigns_uniformly_under_either_axis(init, world, norm):
     at its first iteration and ~1e-5 at its second, whichever axis normalises v(x)."""
     result = prototype_entropy.main([str(init), "--world", str(world), "--images", "8", "--new", "8", "--norm", norm])
     first, second = result["one_minus_entropy_over_log_k"]
-    assert 0 < first < 1e-2 and 0 < second < 1e-4 and result["key_norm"] == norm
+    # 1 - H / log k >= 0, but float rounding can leave a nearly uniform assignment's a hair below 0
+    assert 0 < first < 1e-2 and -1e-6 < second < 1e-4 and result["key_norm"] == norm
 
 
 def selfq(init, world, out, *args, processes=1):
@@ -331,12 +332,13 @@ def test_torchrun_two_processes_run_selfq_to_the_end(stage1, world, tmp_path):
 
 @pytest.mark.slow
 def test_the_lora_baseline_is_llava_with_vicuna_and_logs_its_accuracy_curve(init, stage1, world, tmp_path):
-    """All three switches off: LLaVA-1.5's LoRA recipe, vicuna_v1 in training and evaluation; --eval_every logs
+    """All three switches off: LLaVA-1.5's LoRA recipe, the preset's own template (vicuna_v1 for LLaVA-1.5, here the
+    tiny preset's vicuna_v1_bare) in training and evaluation; --eval_every logs
     the shapes accuracy during training, with the template the model is evaluated with."""
     history = selfq(init, world, tmp_path / "run", "--max_steps", "2", "--no-selfq", "--no-prototypes",
                     "--no-vit-lora", "--eval_every", "1", "--eval_questions", "12")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert (summary["train_template"], summary["eval_template"]) == ("vicuna_v1", "vicuna_v1")
+    assert (summary["train_template"], summary["eval_template"]) == ("vicuna_v1_bare", "vicuna_v1_bare")
     assert set(history[0]["lr"]) == {"llm_lora", "projector"}
     for record in history:  # each split overall, and each question type the 12 questions hold, per split
         split_keys = {k for k in record["eval"] if "/" not in k}
@@ -348,8 +350,9 @@ def test_the_lora_baseline_is_llava_with_vicuna_and_logs_its_accuracy_curve(init
 
 
 def test_eval_self_questions_mode(init, world, capsys):
-    """An SQ-LLaVA model answers with vicuna_v1; --self_questions opens v1_sq's visual-user turn."""
-    assert VLM.from_pretrained(str(init)).cfg.template == "vicuna_v1"
+    """--self_questions opens v1_sq's visual-user turn, whatever template the model answers with (here the tiny
+    preset's vicuna_v1_bare; an SQ-LLaVA model's is vicuna_v1)."""
+    assert VLM.from_pretrained(str(init)).cfg.template == "vicuna_v1_bare"
     image = next((world / "images").glob("*.png"))
     questions = eval_script.main([str(init), "--image", str(image), "--self_questions", "3"])
     assert len(questions) == 3 and all(isinstance(q, str) for q in questions)

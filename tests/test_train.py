@@ -61,7 +61,7 @@ def test_loss_goes_down(world, tmp_path):
     model, tokenizer, processor = tiny_model(shapes_corpus(world, "vicuna_v1"))
     data = LLaVADataset([DataSource(world / "instruct.json")], tokenizer, get_template("vicuna_v1"), processor,
                         model.cfg.num_image_tokens(), 512)
-    cfg = TrainConfig(out_dir=str(tmp_path), global_batch_size=16, micro_batch_size=16, max_steps=20,
+    cfg = TrainConfig(out_dir=str(tmp_path), global_batch_size=16, micro_batch_size=16, max_steps=30,
                       lr={"vision": 1e-3, "projector": 1e-3, "llm": 1e-3})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     history = train(cfg, Objective(model), model.parameter_groups(), data, tokenizer.pad_id,
@@ -166,15 +166,16 @@ def test_default_align_run_builds_the_shapes_world_and_a_loadable_model(tmp_path
 
 @pytest.mark.slow
 def test_torchrun_four_processes_run_every_script_with_its_defaults(world, init, tmp_path):
-    """The headline commands under torchrun --nproc_per_node=4, each with its preset's batch (32 records, a
-    micro-batch of 32 that does not fit 4 processes), pointed at the small world; stage 2 and SQ-LLaVA continue
+    """The headline commands under torchrun --nproc_per_node=4, each with its preset's batch (16 or 32 records, in
+    micro-batches too large for a process's share), pointed at the small world; stage 2 and SQ-LLaVA continue
     stage 1 from out/tiny/align as they do by default."""
-    stages = [("train_align.py", "align", ["--init", str(init), "--data", str(world / "captions.json")]),
-              ("train_sft.py", "sft", ["--data", str(world / "instruct.json")]),
-              ("train_selfq.py", "selfq", ["--data", str(world / "instruct.json")])]
-    for script, stage, args in stages:
+    stages = [("train_align.py", "align", 16, ["--init", str(init), "--data", str(world / "captions.json")]),
+              ("train_sft.py", "sft", 32, ["--data", str(world / "instruct.json")]),
+              ("train_selfq.py", "selfq", 32, ["--data", str(world / "instruct.json")])]
+    for script, stage, records, args in stages:
         run = run_script(script, "--max_steps", "2", *args, processes=4, cwd=tmp_path)
-        assert run.stdout.count("batch: 32 records per step = 4 process(es) x 8 records x 1 accumulation") == 1
+        share = f"batch: {records} records per step = 4 process(es) x {records // 4} records x 1 accumulation"
+        assert run.stdout.count(share) == 1
         history = [json.loads(line) for line in (tmp_path / "out" / "tiny" / stage / "metrics.jsonl").open()]
         assert [r["step"] for r in history] == [1, 2] and all(r["targets"] > 0 for r in history)
         assert (tmp_path / "out" / "tiny" / stage / "model.safetensors").is_file()
