@@ -36,8 +36,9 @@ SEVEN_B = dataclasses.replace(PRETRAINED, fsdp=True, gradient_checkpointing=True
 # LLaVA's own stage 2 on the tiny preset: the tower (trained by stage 1) stays frozen, which also kept a seed from
 # losing its shapes. Three epochs at lr 2e-3: the relations were 6-7 points worse at 5e-4 than at 1e-3, and 2e-3
 # gave two seeds 90.6 and 90.0% against 87.7 and 91.7 (results/default_run.md, rounds 12 and 13). Micro-batches
-# of 8 records sorted by length pad 12% of the tokens a step computes against 28% with 16 (the step's records
-# and its gradient are the same). The tiny preset's SPHINX variants share it, so that they compare at equal steps.
+# of 8 records sorted by length compute 1.13 times the records' tokens, against 1.28 with 16 (round 7's count;
+# the step's records and its gradient are the same). The tiny preset's SPHINX variants share it, so that they
+# compare at equal steps.
 TINY = TrainConfig(global_batch_size=32, micro_batch_size=8, group_by_length=True, epochs=3,
                    lr={"projector": 2e-3, "llm": 2e-3}, max_length=512)
 RECIPES = {"llava15-7b": SEVEN_B, "small": PRETRAINED, "sphinx-7b": SEVEN_B,

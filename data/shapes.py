@@ -228,11 +228,10 @@ def count_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
     return questions
 
 
-# A relation is asked as a choice between two objects and answered by a scan in the relation's direction that
-# stops at the first of the two: "Which is further left, the red circle or the blue square?" -> "From the left:
-# green triangle, blue square."
-# The scan goes cell by cell: from the left, column by column and top to bottom within a column; from the top,
-# row by row and left to right within a row; from the right or the bottom, mirrored.
+# A relation is asked as a choice between two objects and answered by a scan from that side, cell by cell (from the
+# left column by column, top to bottom within one; from the top row by row, left to right; right and bottom
+# mirrored), that stops at the first of the two: "Which is further left, the red circle or the blue square?" ->
+# "From the left: green triangle, blue square."
 SCANS = {"further left": ("left", lambda o: (o.column, o.row)),
          "further right": ("right", lambda o: (-o.column, o.row)),
          "higher": ("top", lambda o: (o.row, o.column)),
@@ -246,11 +245,8 @@ def spatial_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
             axis = 0 if side in ("left", "right") else 1
             if abs((a.x, a.y)[axis] - (b.x, b.y)[axis]) < SPATIAL_MARGIN * asker.cell_size:
                 continue  # objects in one column (row) are not compared
-            scan = []
-            for o in sorted(objects, key=key):
-                scan.append(o.pair)
-                if o in (a, b):
-                    break
+            order = sorted(objects, key=key)
+            scan = [o.pair for o in order[:min(order.index(a), order.index(b)) + 1]]
             questions.append(Question("spatial", f"Which is {relation}, the {a.pair} or the {b.pair}?",
                                       f"From the {side}: {', '.join(scan)}.", (a.pair, b.pair)))
     return questions

@@ -71,9 +71,8 @@ def expected_answer(question: str, objects: list[dict], cell_size: int) -> str:
                             "higher": ("y", 1, "top"), "lower": ("y", -1, "bottom")}[m[1]]
         assert abs(a[axis] - b[axis]) >= cell_size / 2, "spatial questions compare different columns (rows)"
         answer = min(a, b, key=lambda o: sign * o[axis])
-        # the scan from that side: every object met before the answer, then the answer
+        # the scan: cell by cell from that side (within a column or row, from the top or the left), up to the answer
         along, across = (axis, "y" if axis == "x" else "x")
-        # cell by cell from that side (within a column or row, from the top or the left), up to the answer
         order = sorted(objects, key=lambda o: (sign * (o[along] // cell_size), o[across] // cell_size))
         scan = order[: order.index(answer) + 1]
         return f"From the {side}: {', '.join(o['colour'] + ' ' + o['shape'] for o in scan)}."
