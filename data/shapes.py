@@ -43,7 +43,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python data/shapes.py` finds the packages
 from data.shapes_draw import COLOURS, draw, draw_outline  # noqa: E402
 
-VERSION = 9  # bump when the output changes, so that a stale world.json is not reused
+VERSION = 10  # bump when the output changes, so that a stale world.json is not reused
 STYLES = ("solid", "outline")  # domains A and B, drawn by data/shapes_draw.py
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
@@ -62,8 +62,10 @@ POPE_KINDS = ("random", "popular", "adversarial")
 POPE_TOP_K = 3  # popular / adversarial negatives come from the top-k absent pairs
 FOCUS_PROB = 0.8  # how often a hold-out image's question is about its held-out object, when one can be
 EVAL_TYPES = ("colour", "shape", "count", "size", "spatial", "existence")
-# How often a conversation turn asks each type: relations three times as often, as they are learnt last
-INSTRUCT_TYPES = {t: 1.0 for t in EVAL_TYPES} | {"spatial": 3.0, "caption": 0.4}
+# How often a turn draws each type: relations are learnt last, then the lookups by a shape's name (the colour of
+# "the square", how many squares); shape (looked up by colour) and existence first (results/default_run.md)
+INSTRUCT_TYPES = {"colour": 3.5, "shape": 0.3, "count": 2.0, "size": 2.0, "spatial": 3.5, "existence": 0.5,
+                  "caption": 0.4}
 BALANCED_TYPES = {"count", "existence"}  # answers as even as the images allow: no free guesses
 EVAL_QUESTIONS_PER_IMAGE = 3
 CAPTION_PROMPTS = (
