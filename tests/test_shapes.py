@@ -191,6 +191,12 @@ def test_eval_types_balanced(world_dir: Path):
     assert max(types.values()) <= 1.5 * min(types.values())
 
 
+def test_instruct_turns_follow_the_type_weights(world_dir: Path):
+    # colour 3.5 against shape 0.3 and existence 0.5 (existence always applies, so it gets more than its weight)
+    turns = load(world_dir, "world.json")["counts"]["instruct_questions"]
+    assert turns["colour"] > 3 * turns["shape"] and turns["colour"] > 2 * turns["existence"]
+
+
 @pytest.mark.parametrize("name", ["captions.json", "instruct.json"])
 def test_valid_llava_records(world_dir: Path, name: str):
     records = load(world_dir, name)
