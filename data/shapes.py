@@ -62,8 +62,8 @@ POPE_KINDS = ("random", "popular", "adversarial")
 POPE_TOP_K = 3  # popular / adversarial negatives come from the top-k absent pairs
 FOCUS_PROB = 0.8  # how often a hold-out image's question is about its held-out object, when one can be
 EVAL_TYPES = ("colour", "shape", "count", "size", "spatial", "existence")
-# How often a turn draws each type: relations are learnt last, then the lookups by a shape's name (the colour of
-# "the square", how many squares); shape (looked up by colour) and existence first (results/default_run.md)
+# How often a turn draws each type: most for what is learnt last (relations; the lookups by a shape's name: the colour
+# of "the square", how many squares), least for the first learnt (shape, by colour, existence; results/default_run.md)
 INSTRUCT_TYPES = {"colour": 3.5, "shape": 0.3, "count": 2.0, "size": 2.0, "spatial": 3.5, "existence": 0.5,
                   "caption": 0.4}
 BALANCED_TYPES = {"count", "existence"}  # answers as even as the images allow: no free guesses
