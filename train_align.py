@@ -42,10 +42,9 @@ PRETRAINED = TrainConfig(global_batch_size=256, micro_batch_size=32, lr={"projec
 # From scratch every part trains (every tower: "vision"); 1e-3 and above stall on the shapes world, 5e-4 learns
 # fastest. Steps of 16 captions: in steps of 32 at the same cost, a seed's captions could stay half learnt (final
 # loss 0.39 against 0.13: results/default_run.md, round 12). A warmup of 10% (200 steps): with LLaVA's 3% a seed's
-# loss jumped at step ~400 and its captions stayed half learnt (0.33 against 0.05; round 14). AdamW's beta2 at 0.95
-# (nanoGPT's, LLaMA's pretraining): with 0.999 two seeds in three ended at 0.09-0.11 (one then reached 77.5% after
-# stage 2); with 0.95, 0.009-0.011 (round 15). The tiny SPHINX variants share it, so they compare at equal steps.
-TINY = TrainConfig(global_batch_size=16, micro_batch_size=16, epochs=2, warmup_ratio=0.1, betas=(0.9, 0.95),
+# loss jumped at step ~400 and its captions stayed half learnt (0.33 against 0.05; round 14). The tiny preset's
+# SPHINX variants share it, so that they compare at equal steps.
+TINY = TrainConfig(global_batch_size=16, micro_batch_size=16, epochs=2, warmup_ratio=0.1,
                    lr={"vision": 5e-4, "projector": 5e-4, "llm": 5e-4}, max_length=512)
 RECIPES = {"llava15-7b": PRETRAINED, "small": PRETRAINED, "sphinx-7b": PRETRAINED,
            **{name: TINY for name, preset in PRESETS.items() if preset.vision is None}}
