@@ -43,9 +43,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python data/shapes.py` finds the packages
 from data.shapes_draw import COLOURS, draw, draw_outline  # noqa: E402
 
-VERSION = 11  # bump when the output changes, so that a stale world.json is not reused
+VERSION = 10  # bump when the output changes, so that a stale world.json is not reused
 STYLES = ("solid", "outline")  # domains A and B, drawn by data/shapes_draw.py
 SHAPES = ("circle", "square", "triangle", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 SIZES = {"small": 0.2, "large": 0.38}  # half the side of an object's bounding box, as a fraction of its cell
 MAX_OBJECTS = 4
 MIN_GAP = 2  # background pixels between any two bounding boxes
@@ -61,8 +62,8 @@ POPE_KINDS = ("random", "popular", "adversarial")
 POPE_TOP_K = 3  # popular / adversarial negatives come from the top-k absent pairs
 FOCUS_PROB = 0.8  # how often a hold-out image's question is about its held-out object, when one can be
 EVAL_TYPES = ("colour", "shape", "count", "size", "spatial", "existence")
-# How often a turn draws each type: most for what is learnt last (relations; lookups by a shape's name: the colour
-# of "the square", how many square objects), least for the first learnt (shape, existence): results/default_run.md
+# How often a turn draws each type: most for what is learnt last (relations; the lookups by a shape's name: the colour
+# of "the square", how many squares), least for the first learnt (shape, by colour, existence; results/default_run.md)
 INSTRUCT_TYPES = {"colour": 3.5, "shape": 0.3, "count": 2.0, "size": 2.0, "spatial": 3.5, "existence": 0.5,
                   "caption": 0.4}
 BALANCED_TYPES = {"count", "existence"}  # answers as even as the images allow: no free guesses
@@ -218,15 +219,14 @@ def size_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
 
 
 def count_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
-    """The total, each colour and shape present, and one absent one (all absent ones would swamp the rest with 0).
-    "square objects", not "squares": the tokenizer learnt from the world would make a plural a token of its own,
-    which only these questions teach (counting one shape: 57-58% with plurals, 72-77% without; default_run.md)."""
+    """The total, each colour and shape present, and one absent one (all absent ones would swamp the rest with 0)."""
     present = sorted({o.colour for o in objects} | {o.shape for o in objects})
     absent = [a for a in (*COLOURS, *SHAPES) if a not in present]
     questions = [Question("count", "How many objects are there?", str(len(objects)), tuple(o.pair for o in objects))]
     for attribute in present + [asker.rng.choice(absent)]:
         matching = tuple(o.pair for o in objects if attribute in (o.colour, o.shape))
-        questions.append(Question("count", f"How many {attribute} objects are there?", str(len(matching)), matching))
+        what = f"{attribute} objects" if attribute in COLOURS else PLURALS[attribute]
+        questions.append(Question("count", f"How many {what} are there?", str(len(matching)), matching))
     return questions
 
 

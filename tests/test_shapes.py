@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from data import shapes_eval
-from data.shapes import GRID, SHAPES, ShapesConfig, generate
+from data.shapes import GRID, PLURALS, ShapesConfig, generate
 from data.shapes_draw import COLOURS
 from data.shapes_eval import format_table, normalize_answer, score
 
@@ -59,7 +59,9 @@ def expected_answer(question: str, objects: list[dict], cell_size: int) -> str:
     if question == "How many objects are there?":
         return str(len(objects))
     if m := re.fullmatch(r"How many (\w+) objects are there\?", question):
-        return str(sum(m[1] in (o["colour"], o["shape"]) for o in objects))
+        return str(sum(o["colour"] == m[1] for o in objects))
+    if m := re.fullmatch(r"How many (\w+) are there\?", question):
+        return str(sum(PLURALS[o["shape"]] == m[1] for o in objects))
     if m := re.fullmatch(r"Is there an? (\w+ \w+) in the image\?", question):
         return "yes" if any(f"{o['colour']} {o['shape']}" == m[1] for o in objects) else "no"
     relation = r"Which is (further left|further right|higher|lower), the (\w+ \w+) or the (\w+ \w+)\?"
@@ -193,13 +195,6 @@ def test_instruct_turns_follow_the_type_weights(world_dir: Path):
     # colour 3.5 against shape 0.3 and existence 0.5 (existence always applies, so it gets more than its weight)
     turns = load(world_dir, "world.json")["counts"]["instruct_questions"]
     assert turns["colour"] > 3 * turns["shape"] and turns["colour"] > 2 * turns["existence"]
-
-
-def test_questions_name_a_shape_by_its_one_word(world_dir: Path):
-    # a plural ("squares") would be a token of its own in the tokenizer learnt from the world, unlinked to "square"
-    questions = [t["value"] for r in load(world_dir, "instruct.json") for t in r["conversations"][::2]]
-    words = set(re.findall(r"\w+", " ".join(questions + [r["question"] for r in load(world_dir, "eval.json")])))
-    assert set(SHAPES) <= words and not {"circles", "squares", "triangles", "crosses"} & words
 
 
 @pytest.mark.parametrize("name", ["captions.json", "instruct.json"])
