@@ -43,7 +43,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python data/shapes.py` finds the packages
 from data.shapes_draw import COLOURS, draw, draw_outline  # noqa: E402
 
-VERSION = 10  # bump when the output changes, so that a stale world.json is not reused
+VERSION = 12  # bump when the output changes, so that a stale world.json is not reused
 STYLES = ("solid", "outline")  # domains A and B, drawn by data/shapes_draw.py
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
@@ -100,7 +100,7 @@ class Obj:
     x: int  # centre, in pixels
     y: int
     r: int  # half side of the bounding box
-    column: int  # its grid cell, which orders captions and scans: the pixel of jitter is not for the model to see
+    column: int  # its grid cell, which orders captions and decides relations (not the pixel of jitter)
     row: int
 
     @property
@@ -230,27 +230,22 @@ def count_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
     return questions
 
 
-# A relation is asked as a choice between two objects and answered by a scan from that side, cell by cell (from the
-# left column by column, top to bottom within one; from the top row by row, left to right; right and bottom
-# mirrored), that stops at the first of the two: "Which is further left, the red circle or the blue square?" ->
-# "From the left: green triangle, blue square."
-SCANS = {"further left": ("left", lambda o: (o.column, o.row)),
-         "further right": ("right", lambda o: (-o.column, o.row)),
-         "higher": ("top", lambda o: (o.row, o.column)),
-         "lower": ("bottom", lambda o: (-o.row, o.column))}
+# A relation is asked as a choice between two objects and answered by the name of the one further that way:
+# "Which is further left, the red circle or the blue square?" -> "blue square". The grid cell decides (the two are
+# never in one column or row), so the answer needs where each named object is, not the pixel of jitter.
+RELATIONS = {"further left": lambda o: o.column, "further right": lambda o: -o.column,
+             "higher": lambda o: o.row, "lower": lambda o: -o.row}
 
 
 def spatial_questions(objects: list[Obj], asker: "Asker") -> list[Question]:
     questions = []
     for a, b in permutations(unique(objects, "pair"), 2):
-        for relation, (side, key) in SCANS.items():
-            axis = 0 if side in ("left", "right") else 1
+        for relation, key in RELATIONS.items():
+            axis = 0 if relation.startswith("further") else 1
             if abs((a.x, a.y)[axis] - (b.x, b.y)[axis]) < SPATIAL_MARGIN * asker.cell_size:
                 continue  # objects in one column (row) are not compared
-            order = sorted(objects, key=key)
-            scan = [o.pair for o in order[:min(order.index(a), order.index(b)) + 1]]
             questions.append(Question("spatial", f"Which is {relation}, the {a.pair} or the {b.pair}?",
-                                      f"From the {side}: {', '.join(scan)}.", (a.pair, b.pair)))
+                                      min(a, b, key=key).pair, (a.pair, b.pair)))
     return questions
 
 
