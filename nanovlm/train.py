@@ -333,10 +333,13 @@ class Distributed:
             self.device = torch.device("cpu")
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            # Left to the destructors at interpreter exit, the group aborted about one 2-process run in 25 after
-            # the work was done ("terminate called without an active exception", SIGABRT); destroyed here, about
-            # one in 250, so another teardown still aborts at times (not yet found).
             atexit.register(self.close)
+        # Every sum goes through this one tensor, kept for the life of the process. The backend frees a collective's
+        # work on its own thread after the caller has the result (gloo's barrier even keeps the works before it);
+        # a thread that drops the last reference to a tensor made in Python needs the GIL, and once the interpreter
+        # is finalizing, Python 3.11 ends that thread, which aborts the process at exit ("terminate called without
+        # an active exception"). `close` waits until the backend has let go of this tensor.
+        self.scalar = torch.zeros((), dtype=torch.float64, device=self.device)
 
     @property
     def main(self) -> bool:
@@ -345,9 +348,9 @@ class Distributed:
     def sum(self, value: float) -> float:
         if self.world_size == 1:
             return value
-        t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item()
+        self.scalar.fill_(float(value))
+        dist.all_reduce(self.scalar)
+        return self.scalar.item()
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -363,7 +366,11 @@ class Distributed:
             self.barrier()
 
     def close(self) -> None:
+        """Destroy the process group once the backend's threads hold no reference to `scalar` (see __init__)."""
         if dist.is_initialized():
+            deadline = time.monotonic() + 10
+            while self.scalar._use_count() > 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
             dist.destroy_process_group()
 
 
