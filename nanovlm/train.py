@@ -335,10 +335,11 @@ class Distributed:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             atexit.register(self.close)
         # Every sum goes through this one tensor, kept for the life of the process. The backend frees a collective's
-        # work on its own thread after the caller has the result (gloo's barrier even keeps the works before it);
-        # a thread that drops the last reference to a tensor made in Python needs the GIL, and once the interpreter
-        # is finalizing, Python 3.11 ends that thread, which aborts the process at exit ("terminate called without
-        # an active exception"). `close` waits until the backend has let go of this tensor.
+        # work on its own thread after the caller has the result (gloo's barrier even keeps the works before it),
+        # and destroying the group does not join that thread (DDP keeps the group alive). A thread that drops the
+        # last reference to a tensor made in Python takes the GIL, and once the interpreter is finalizing, Python
+        # 3.11 ends such a thread, which aborts the process at exit ("terminate called without an active
+        # exception"). `close` waits until the backend has let go of this tensor.
         self.scalar = torch.zeros((), dtype=torch.float64, device=self.device)
 
     @property
